@@ -1,0 +1,80 @@
+"""The `nftune` command line: one sub-command per job, each a thin call into the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2 (no traceback)."""
+
+
+def cmd_objectives(args: argparse.Namespace) -> int:
+    """Print each objective's loss and per-answer gradient on one toy group of K answers."""
+    import torch
+
+    from nftune.objectives import OBJECTIVES, compute_loss
+
+    k, t = args.k, 4
+    n_correct = max(1, min(k - 1, round(args.r_hat * k)))
+    correct = torch.tensor([1.0] * n_correct + [0.0] * (k - n_correct), dtype=torch.float64)
+    r_hat = torch.full((k,), n_correct / k, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    old = -torch.rand(k, t, generator=g, dtype=torch.float64)
+    mask = torch.ones(k, t, dtype=torch.float64)
+    print(f"one group: K={k} answers, {n_correct} correct (r_hat={n_correct / k:.3f}), "
+          f"{t} tokens each; gradient of the loss w.r.t. each answer's log-likelihood")
+    print(f"{'objective':<10} {'state':<11} {'loss':>9} {'d/dlogp correct':>16} "
+          f"{'d/dlogp wrong':>14}")
+    shifted = old + args.shift * torch.randn(k, t, generator=g, dtype=torch.float64)
+    for algo in OBJECTIVES:
+        for state, current in (("on-policy", old), ("off-policy", shifted)):
+            lp = current.clone().requires_grad_(True)
+            kw = {"group_ids": torch.zeros(k, dtype=torch.long)} if algo == "infonca" else {}
+            loss, _ = compute_loss(algo, lp, old, mask, correct, r_hat, **kw)
+            loss.backward()
+            per_answer = lp.grad.sum(1)
+            print(f"{algo:<10} {state:<11} {loss.item():>9.4f} {per_answer[0].item():>16.4f} "
+                  f"{per_answer[-1].item():>14.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nftune import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="nftune",
+        description="Verifier-driven online fine-tuning: NFT, RFT, GRPO, Dr.GRPO, DAPO, InfoNCA.",
+    )
+    parser.add_argument("--version", action="version", version=f"nftune {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("objectives", help="show the six objectives on a toy group of answers")
+    p.add_argument("--k", type=int, default=8, help="answers in the group (default 8)")
+    p.add_argument("--r-hat", type=float, default=0.25, help="group accuracy (default 0.25)")
+    p.add_argument("--shift", type=float, default=0.3,
+                   help="std of the log-prob perturbation for the off-policy row (default 0.3)")
+    p.set_defaults(func=cmd_objectives)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, FileNotFoundError, ValueError) as err:
+        if args.debug:
+            raise
+        print(f"nftune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,419 @@
+"""The six training objectives of the NFT paper as pure functions on per-token tensors.
+
+Every objective sees the same inputs, for B answers padded to T tokens:
+
+    logprobs      (B, T)  log π_θ(a_t | q, a_<t), carries the gradient
+    old_logprobs  (B, T)  log π_old(a_t | q, a_<t), recorded at rollout
+    mask          (B, T)  1 on response tokens
+    correct       (B,)    verifier outcome r ∈ {0, 1}
+    r_hat         (B,)    r̂_q, accuracy of the answer's group (K answers of one question)
+
+and the public entry point is :func:`compute_loss`. Token-level objectives sum the per-token
+loss over answers and response tokens and divide by ``num_tokens`` (default: ``mask.sum()``), so
+a mini-batch split into micro-batches, each given the mini-batch's token count, accumulates the
+same gradient as the whole.
+
+Answers of groups with r̂ ∈ {0, 1} carry no learning signal (Algorithm 1 filters them); every
+token-level objective gives them exactly zero loss and zero gradient, with no NaN on the way.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+Tensor = torch.Tensor
+Metrics = dict[str, float]
+
+# ---------------------------------------------------------------------------------------------
+# Prompt weights ω(q)
+# ---------------------------------------------------------------------------------------------
+
+PROMPT_WEIGHTS: dict[str, Callable[[Tensor], Tensor]] = {}
+
+
+def register_weight(name: str) -> Callable:
+    """Register a prompt weight ω(r̂); a duplicate name is an error."""
+
+    def wrap(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+        if name in PROMPT_WEIGHTS:
+            raise ValueError(f"prompt weight {name!r} is already registered")
+        PROMPT_WEIGHTS[name] = fn
+        return fn
+
+    return wrap
+
+
+@register_weight("one")
+def weight_one(r_hat: Tensor) -> Tensor:
+    """ω = 1 (RFT's weighting)."""
+    return torch.ones_like(r_hat)
+
+
+@register_weight("dr_grpo")
+def weight_dr_grpo(r_hat: Tensor) -> Tensor:
+    """ω = 1 − r̂: on-policy NFT then has Dr.GRPO's gradient (Prop. 4.2). NFT's default."""
+    return 1.0 - r_hat
+
+
+@register_weight("grpo")
+def weight_grpo(r_hat: Tensor) -> Tensor:
+    """ω = sqrt((1 − r̂) / r̂): on-policy NFT then has GRPO's gradient (Prop. 4.2)."""
+    return torch.sqrt((1.0 - r_hat) / r_hat)
+
+
+def prompt_weight(name: str, r_hat: Tensor) -> Tensor:
+    """ω(r̂) by name; only defined for 0 < r̂ < 1 (callers mask the rest)."""
+    if name not in PROMPT_WEIGHTS:
+        raise ValueError(f"weight: unknown prompt weight {name!r}; valid: {sorted(PROMPT_WEIGHTS)}")
+    return PROMPT_WEIGHTS[name](r_hat)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def informative(r_hat: Tensor) -> Tensor:
+    """(B,) bool: the answer's group has 0 < r̂ < 1, i.e. carries a learning signal."""
+    return (r_hat > 0) & (r_hat < 1)
+
+
+def _safe_r_hat(r_hat: Tensor) -> Tensor:
+    """r̂ with the uninformative groups replaced by 1/2, so no branch ever divides by zero.
+
+    Their loss is masked to zero afterwards; a finite stand-in keeps the masked branch's
+    gradient finite too (0 · inf would be NaN).
+    """
+    return torch.where(informative(r_hat), r_hat, torch.full_like(r_hat, 0.5))
+
+
+def max_v(x: Tensor, eps: float) -> Tensor:
+    """Straight-through max, value max(x, ε) and gradient of x: sg(max(x, ε) − x) + x."""
+    return (torch.clamp(x, min=eps) - x).detach() + x
+
+
+def token_sum(per_token: Tensor, mask: Tensor) -> Tensor:
+    """Σ over answers and response tokens."""
+    return (per_token * mask).sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-token objectives (pure functions: tensors in, per-token loss out)
+# ---------------------------------------------------------------------------------------------
+
+
+def nft_token_loss(
+    log_ratio: Tensor,
+    correct: Tensor,
+    r_hat: Tensor,
+    weight: str = "dr_grpo",
+    eps: float = 1.0,
+    positive_only: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """NFT, Eq. 10 of the paper, per token.
+
+        L_t = − ω(q) [ r · log R_t + (1 − r) · log max_v( (1 − r̂_q R_t) / (1 − r̂_q), ε ) ]
+
+    with R_t = π_θ / π_old = exp(log_ratio). The second term is the log-likelihood of the
+    implicit negative policy π⁻_θ = (π_old − r̂ π⁺_θ) / (1 − r̂). ``positive_only`` drops it (RFT).
+
+    Returns (loss, positive part, negative part, clipped) as (B, T) tensors; ``clipped`` is 1
+    where the negative ratio's value was clipped at ε. Zero on groups with r̂ ∈ {0, 1}.
+    """
+    keep = informative(r_hat)[:, None]
+    r_hat_s = _safe_r_hat(r_hat)[:, None]
+    omega = prompt_weight(weight, r_hat_s)
+    r = correct[:, None].to(log_ratio.dtype)
+    zero = torch.zeros_like(log_ratio)
+
+    pos = -omega * r * log_ratio  # − ω r log R_t
+    if positive_only:
+        neg, clipped = zero, zero
+    else:
+        ratio = torch.exp(log_ratio)  # R_t
+        neg_ratio = (1.0 - r_hat_s * ratio) / (1.0 - r_hat_s)  # π⁻_θ / π_old per token
+        neg = -omega * (1.0 - r) * torch.log(max_v(neg_ratio, eps))
+        clipped = ((neg_ratio < eps) & (r == 0)).to(log_ratio.dtype)
+    pos, neg = torch.where(keep, pos, zero), torch.where(keep, neg, zero)
+    return pos + neg, pos, neg, torch.where(keep, clipped, zero)
+
+
+def group_advantage(correct: Tensor, r_hat: Tensor, normalise_std: bool) -> Tensor:
+    """GRPO's group-normalised advantage for binary rewards, (B,).
+
+        Â = (r − r̂) / sqrt(r̂ (1 − r̂))    (GRPO; population std of the K rewards, no epsilon)
+        Â =  r − r̂                       (Dr.GRPO, normalise_std=False)
+
+    Zero on groups with r̂ ∈ {0, 1}.
+    """
+    r_hat_s = _safe_r_hat(r_hat)
+    adv = correct.to(r_hat.dtype) - r_hat_s
+    if normalise_std:
+        adv = adv / torch.sqrt(r_hat_s * (1.0 - r_hat_s))
+    return torch.where(informative(r_hat), adv, torch.zeros_like(adv))
+
+
+def clipped_pg_token_loss(
+    log_ratio: Tensor, advantage: Tensor, clip_low: float = 0.2, clip_high: float = 0.28
+) -> tuple[Tensor, Tensor]:
+    """GRPO / DAPO surrogate, Eq. 3 of the paper, per token (clip-higher of DAPO).
+
+        L_t = − min( R_t Â, clip(R_t, 1 − ε_low, 1 + ε_high) Â )
+
+    Returns (loss, clipped) as (B, T); ``clipped`` is 1 where the clipped branch is the min.
+    """
+    ratio = torch.exp(log_ratio)
+    adv = advantage[:, None]
+    unclipped = ratio * adv
+    clipped_obj = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
+    loss = -torch.minimum(unclipped, clipped_obj)
+    clipped = (clipped_obj < unclipped).to(log_ratio.dtype)
+    return loss, clipped
+
+
+def infonca_group_loss(
+    seq_log_ratio: Tensor, correct: Tensor, group_ids: Tensor, beta: float = 0.1
+) -> tuple[Tensor, int]:
+    """Iterative DPO via InfoNCA (paper Appendix, after Chen et al. 2024), summed over groups.
+
+        L_q = − Σ_k ( r_k / Σ_i r_i ) · log softmax_k( β s_θ(q, a_k) ),
+        s_θ(q, a) = log π_θ(a|q) − log π_old(a|q)
+
+    For K = 2 with one correct answer this is DPO's − log σ(β (s_w − s_l)). Groups with no
+    correct answer contribute nothing. Returns (Σ_q L_q, number of contributing groups).
+    """
+    _, group_index = torch.unique(group_ids, return_inverse=True)
+    num_groups = int(group_index.max().item()) + 1 if group_ids.numel() else 0
+    r = correct.to(seq_log_ratio.dtype)
+    logits = beta * seq_log_ratio
+    # log-softmax within each group: subtract the group's logsumexp
+    group_max = torch.full((num_groups,), -torch.inf, dtype=logits.dtype, device=logits.device)
+    group_max = group_max.scatter_reduce(0, group_index, logits.detach(), reduce="amax")
+    shifted = torch.exp(logits - group_max[group_index])
+    denom = torch.zeros(num_groups, dtype=logits.dtype, device=logits.device)
+    denom = denom.index_add(0, group_index, shifted)
+    log_softmax = logits - group_max[group_index] - torch.log(denom[group_index])
+    r_sum = torch.zeros(num_groups, dtype=r.dtype, device=r.device).index_add(0, group_index, r)
+    has_positive = r_sum > 0
+    target = torch.where(has_positive[group_index], r / r_sum[group_index].clamp(min=1), 0.0 * r)
+    return -(target * log_softmax).sum(), int(has_positive.sum().item())
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry and the public entry point
+# ---------------------------------------------------------------------------------------------
+
+ObjectiveFn = Callable[..., tuple[Tensor, Metrics]]
+OBJECTIVES: dict[str, ObjectiveFn] = {}
+
+
+def register_objective(name: str) -> Callable[[ObjectiveFn], ObjectiveFn]:
+    """Register an objective under ``name``; a duplicate name is an error."""
+
+    def wrap(fn: ObjectiveFn) -> ObjectiveFn:
+        if name in OBJECTIVES:
+            raise ValueError(f"objective {name!r} is already registered")
+        OBJECTIVES[name] = fn
+        return fn
+
+    return wrap
+
+
+def _ratio_metrics(log_ratio: Tensor, mask: Tensor) -> Metrics:
+    m = mask.bool()
+    if not m.any():
+        return {"ratio_mean": 1.0, "ratio_max": 1.0, "approx_kl": 0.0}
+    lr = log_ratio.detach()[m]
+    ratio = torch.exp(lr)
+    return {
+        "ratio_mean": ratio.mean().item(),
+        "ratio_max": ratio.max().item(),
+        # k3 estimator of KL(π_old ‖ π_θ) on the rollout tokens
+        "approx_kl": (ratio - 1 - lr).mean().item(),
+    }
+
+
+def _finish(parts: dict[str, Tensor], clipped: Tensor, log_ratio: Tensor, mask: Tensor,
+            num_tokens: Tensor) -> tuple[Tensor, Metrics]:
+    """Token-mean aggregation: Σ (per-token loss · mask) / num_tokens, plus diagnostics."""
+    sums = {k: token_sum(v, mask) / num_tokens for k, v in parts.items()}
+    loss = sums.pop("loss")
+    n = mask.sum().clamp(min=1)
+    metrics = {k: v.item() for k, v in sums.items()}
+    metrics["clip_fraction"] = (token_sum(clipped, mask) / n).item()
+    metrics.update(_ratio_metrics(log_ratio, mask))
+    return loss, metrics
+
+
+@register_objective("nft")
+def nft(log_ratio, mask, correct, r_hat, num_tokens, *, weight="dr_grpo", eps=1.0):
+    """Negative-aware Fine-Tuning (Eq. 10); see :func:`nft_token_loss`."""
+    loss, pos, neg, clipped = nft_token_loss(log_ratio, correct, r_hat, weight, eps)
+    return _finish({"loss": loss, "loss_pos": pos, "loss_neg": neg}, clipped, log_ratio, mask,
+                   num_tokens)
+
+
+@register_objective("rft")
+def rft(log_ratio, mask, correct, r_hat, num_tokens, *, weight="one"):
+    """Rejection-sampling fine-tuning: NFT's positive term only, ω = 1 by default.
+
+        L_t = − ω(q) · r · log R_t    (gradient of − r log π_θ: likelihood of correct answers)
+    """
+    loss, pos, neg, clipped = nft_token_loss(log_ratio, correct, r_hat, weight, positive_only=True)
+    return _finish({"loss": loss, "loss_pos": pos, "loss_neg": neg}, clipped, log_ratio, mask,
+                   num_tokens)
+
+
+def _policy_gradient(log_ratio, mask, correct, r_hat, num_tokens, normalise_std, clip_low,
+                     clip_high):
+    adv = group_advantage(correct, r_hat, normalise_std)
+    loss, clipped = clipped_pg_token_loss(log_ratio, adv, clip_low, clip_high)
+    positive = (adv > 0)[:, None].to(loss.dtype)
+    parts = {"loss": loss, "loss_pos": loss * positive, "loss_neg": loss * (1 - positive)}
+    return _finish(parts, clipped, log_ratio, mask, num_tokens)
+
+
+@register_objective("grpo")
+def grpo(log_ratio, mask, correct, r_hat, num_tokens, *, clip_low=0.2, clip_high=0.28):
+    """GRPO (Eq. 3) with DAPO's clip-higher and token-level loss, Â = (r − r̂)/std."""
+    return _policy_gradient(log_ratio, mask, correct, r_hat, num_tokens, True, clip_low, clip_high)
+
+
+@register_objective("dr_grpo")
+def dr_grpo(log_ratio, mask, correct, r_hat, num_tokens, *, clip_low=0.2, clip_high=0.28):
+    """Dr.GRPO: GRPO without the std division, Â = r − r̂."""
+    return _policy_gradient(log_ratio, mask, correct, r_hat, num_tokens, False, clip_low,
+                            clip_high)
+
+
+@register_objective("dapo")
+def dapo(log_ratio, mask, correct, r_hat, num_tokens, *, clip_low=0.2, clip_high=0.28):
+    """DAPO's per-token objective is GRPO's (Eq. 3, clip-higher, token-mean).
+
+    Its other parts, dynamic sampling and overlong reward shaping, live in the training loop.
+    """
+    return _policy_gradient(log_ratio, mask, correct, r_hat, num_tokens, True, clip_low, clip_high)
+
+
+@register_objective("infonca")
+def infonca(log_ratio, mask, correct, r_hat, num_tokens, *, logprobs, group_ids, beta=0.1,
+            sft_coef=1.0, num_groups=None, num_sft_tokens=None):
+    """Iterative DPO via InfoNCA plus an SFT term on the correct answers.
+
+        L = (1 / G) Σ_q L_q^InfoNCA + sft_coef · (− Σ_{correct tokens} log π_θ) / N_sft
+
+    G (``num_groups``) defaults to the groups with a correct answer in this batch and N_sft
+    (``num_sft_tokens``) to the response tokens of correct answers; pass the mini-batch's
+    values when micro-batching.
+    """
+    if group_ids is None:
+        raise ValueError("group_ids: required by 'infonca' (which question each answer belongs to)")
+    m = mask.to(log_ratio.dtype)
+    seq_log_ratio = (log_ratio * m).sum(dim=1)  # s_θ(q, a)
+    nca_sum, contributing = infonca_group_loss(seq_log_ratio, correct, group_ids, beta)
+    g = num_groups if num_groups is not None else max(contributing, 1)
+    r = correct.to(log_ratio.dtype)[:, None]
+    n_sft = num_sft_tokens if num_sft_tokens is not None else (m * r).sum().clamp(min=1)
+    sft = -torch.where((m * r) > 0, logprobs, 0.0).sum() / n_sft
+    nca = nca_sum / g
+    metrics = {"loss_pos": (sft_coef * sft).item(), "loss_neg": nca.item(), "clip_fraction": 0.0,
+               "groups_with_positive": float(contributing)}
+    metrics.update(_ratio_metrics(log_ratio, mask))
+    return nca + sft_coef * sft, metrics
+
+
+def _check_inputs(logprobs, old_logprobs, mask, correct, r_hat, group_ids, num_tokens) -> None:
+    if not isinstance(logprobs, Tensor) or logprobs.dim() != 2:
+        raise ValueError(f"logprobs: expected a (B, T) tensor, got {_describe(logprobs)}")
+    shape = tuple(logprobs.shape)
+    for name, t in (("old_logprobs", old_logprobs), ("mask", mask)):
+        if not isinstance(t, Tensor) or tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape} like logprobs, got {_describe(t)}")
+    for name, t in (("correct", correct), ("r_hat", r_hat), ("group_ids", group_ids)):
+        if t is None and name == "group_ids":
+            continue
+        if not isinstance(t, Tensor) or tuple(t.shape) != shape[:1]:
+            raise ValueError(f"{name}: expected shape ({shape[0]},), got {_describe(t)}")
+    for name, t in (("logprobs", logprobs), ("old_logprobs", old_logprobs), ("r_hat", r_hat)):
+        if torch.isnan(t).any():
+            raise ValueError(f"{name}: contains NaN")
+    if ((r_hat < 0) | (r_hat > 1)).any():
+        raise ValueError(f"r_hat: values must lie in [0, 1], got min {r_hat.min().item():g} "
+                         f"max {r_hat.max().item():g}")
+    if not ((correct == 0) | (correct == 1)).all():
+        raise ValueError("correct: values must be 0/1 or bool")
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("mask: values must be 0/1 or bool")
+    if num_tokens is not None and float(num_tokens) <= 0:
+        raise ValueError(f"num_tokens: must be positive, got {float(num_tokens)}")
+
+
+def hparam_names(algo: str) -> list[str]:
+    """The hyper-parameters objective ``algo`` accepts, with their defaults' names."""
+    params = inspect.signature(OBJECTIVES[algo]).parameters.values()
+    return [p.name for p in params
+            if p.kind is p.KEYWORD_ONLY and p.name not in ("logprobs", "group_ids")]
+
+
+def _check_hparams(algo: str, fn: ObjectiveFn, hparams: dict[str, Any]) -> None:
+    unknown = set(hparams) - set(hparam_names(algo)) - {"logprobs", "group_ids"}
+    if unknown:
+        raise ValueError(f"hparams: {sorted(unknown)} not accepted by {algo!r}; "
+                         f"valid: {hparam_names(algo)}")
+
+
+def _describe(x: Any) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+
+
+def compute_loss(
+    algo: str,
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    mask: Tensor,
+    correct: Tensor,
+    r_hat: Tensor,
+    group_ids: Tensor | None = None,
+    num_tokens: float | Tensor | None = None,
+    **hparams: Any,
+) -> tuple[Tensor, Metrics]:
+    """The loss of objective ``algo`` on one (micro-)batch, and float diagnostics.
+
+    Args:
+        algo: one of ``OBJECTIVES``: "nft", "rft", "grpo", "dr_grpo", "dapo", "infonca".
+        logprobs: (B, T) current policy per-token log-probs (carries the gradient).
+        old_logprobs: (B, T) rollout policy per-token log-probs.
+        mask: (B, T) 1 on response tokens.
+        correct: (B,) verifier outcome per answer.
+        r_hat: (B,) accuracy of the answer's group.
+        group_ids: (B,) question index of each answer (required by "infonca").
+        num_tokens: normaliser of token-level losses; default ``mask.sum()``.
+        **hparams: eps, weight, clip_low, clip_high, beta, sft_coef, num_groups, num_sft_tokens.
+
+    Returns:
+        (scalar loss, metrics) with metrics ``loss_pos``, ``loss_neg``, ``ratio_mean``,
+        ``ratio_max``, ``approx_kl`` and ``clip_fraction`` at least.
+    """
+    if algo not in OBJECTIVES:
+        raise ValueError(f"algo: unknown objective {algo!r}; valid: {sorted(OBJECTIVES)}")
+    _check_inputs(logprobs, old_logprobs, mask, correct, r_hat, group_ids, num_tokens)
+    if "weight" in hparams and hparams["weight"] not in PROMPT_WEIGHTS:
+        raise ValueError(f"weight: unknown prompt weight {hparams['weight']!r}; "
+                         f"valid: {sorted(PROMPT_WEIGHTS)}")
+    mask = mask.to(logprobs.dtype)
+    r_hat = r_hat.to(logprobs.dtype)
+    if num_tokens is None:
+        num_tokens = mask.sum().clamp(min=1)
+    fn = OBJECTIVES[algo]
+    if algo == "infonca":
+        hparams = {"logprobs": logprobs, "group_ids": group_ids, **hparams}
+    _check_hparams(algo, fn, hparams)
+    # log R_t, exactly 0 off the response (padding may hold any value, even -inf)
+    log_ratio = torch.where(mask > 0, logprobs - old_logprobs.detach(), 0.0)
+    loss, metrics = fn(log_ratio, mask, correct, r_hat, num_tokens, **hparams)
+    metrics["loss"] = loss.item()
+    return loss, metrics
