@@ -41,6 +41,25 @@ def cmd_objectives(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    """Counts, the cleaning report and three sample prompts of a question set."""
+    import random
+
+    from nftune.data import format_prompt, load_questions, summary
+
+    qs = load_questions(args.name, data_dir=args.data_dir)
+    for key, value in summary(qs).items():
+        print(f"{key}: {value}")
+    print("cleaning:")
+    for line in qs.report.lines():
+        print(f"  {line}")
+    rng = random.Random(args.seed)
+    for q in rng.sample(qs.questions, min(3, len(qs))):
+        print(f"\n--- id {q.id} (answer: {q.answer}) ---")
+        print(format_prompt(q.problem, args.template))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nftune import __version__
 
@@ -58,6 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift", type=float, default=0.3,
                    help="std of the log-prob perturbation for the off-policy row (default 0.3)")
     p.set_defaults(func=cmd_objectives)
+
+    data = sub.add_parser("data", help="inspect question sets").add_subparsers(
+        dest="data_command", metavar="ACTION", required=True)
+    p = data.add_parser("inspect", help="counts, cleaning report and sample prompts")
+    p.add_argument("name", help="known set name, local .jsonl/.json/.parquet file, or hub id")
+    p.add_argument("--data-dir", default=None,
+                   help="directory holding <name>.jsonl files for known names "
+                        "(default: $NFTUNE_DATA_DIR; else the hub)")
+    p.add_argument("--template", default="dapo", help="prompt template for the samples")
+    p.add_argument("--seed", type=int, default=0, help="which samples to show")
+    p.set_defaults(func=cmd_data_inspect)
     return parser
 
 
