@@ -11,6 +11,7 @@ reached is ``False``; nothing a model writes can stop the run.
 from __future__ import annotations
 
 import atexit
+import logging
 import multiprocessing as mp
 import os
 import re
@@ -24,6 +25,7 @@ STRATEGIES = ("auto", "boxed", "answer_line")
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _ANSWER_LINE = re.compile(r"^[\W_]*answer\s*\**\s*:\s*\**\s*(.*?)\s*$", re.IGNORECASE)
 _PLAIN_NUMBER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[+-]?\.\d+")
+_WHITESPACE = re.compile(r"\s+")
 _MAX_FAST_LEN = 64
 _MAX_ANSWER_LEN = 2000  # longer "answers" are not answers; they go to math-verify truncated
 
@@ -101,11 +103,13 @@ def _plain_number(s: str) -> Fraction | None:
 
 
 def fast_verdict(pred: str, gold: str) -> bool | None:
-    """Verdict without sympy when both sides are plain numbers; None when it cannot decide.
+    """Verdict without sympy where it is certain; None when math-verify must decide.
 
-    Equal numbers are a match; different integers are not. Different decimals go to
-    math-verify, which compares floats with rounding.
+    The same text (ignoring spaces) is a match; so are equal plain numbers; different integers
+    are not. Different decimals go to math-verify, which compares floats with rounding.
     """
+    if _WHITESPACE.sub("", pred) == _WHITESPACE.sub("", gold):
+        return True
     p, g = _plain_number(pred), _plain_number(gold)
     if p is None or g is None:
         return None
@@ -116,21 +120,37 @@ def fast_verdict(pred: str, gold: str) -> bool | None:
     return None
 
 
-@lru_cache(maxsize=8192)
-def _parse_gold(gold: str, timeout: int):
-    from math_verify import parse
+@lru_cache(maxsize=16384)
+def _parse_boxed(expr: str, timeout: int):
+    """math-verify's parse of one answer; cached, since K answers often repeat the gold's text
+    or each other's."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 
-    return parse("\\boxed{" + gold + "}", parsing_timeout=timeout)
+    # LaTeX extraction alone costs half of math-verify's default (LaTeX + plain expression);
+    # the plain-expression parser is the fallback for what LaTeX cannot read.
+    parsed = parse("\\boxed{" + expr + "}", [LatexExtractionConfig()], parsing_timeout=timeout)
+    return parsed or parse(expr, [ExprExtractionConfig()], parsing_timeout=timeout)
+
+
+def warm_up() -> None:
+    """Check one answer of each common shape, so that a forked worker inherits the grammars,
+    lazily imported sympy modules and caches these load."""
+    for pred, gold in (("\\frac{1}{2}", "0.5"), ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\pi)"),
+                       ("[-2, \\infty)", "(-\\infty, 0]"), ("x=\\sqrt{3}", "\\{1,2\\}"),
+                       ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "10\\%"),
+                       ("\\text{(B)}", "x^2+1")):
+        math_verify_check(pred, gold, 5)
+    _parse_boxed.cache_clear()
 
 
 def math_verify_check(pred: str, gold: str, timeout_s: float = 5.0) -> bool:
     """math-verify's verdict; call only in a process's main thread (it uses SIGALRM)."""
-    from math_verify import parse, verify
+    from math_verify import verify
 
     timeout = max(1, round(timeout_s))
     try:
-        gold_parsed = _parse_gold(gold, timeout)
-        pred_parsed = parse("\\boxed{" + pred[:_MAX_ANSWER_LEN] + "}", parsing_timeout=timeout)
+        gold_parsed = _parse_boxed(gold, timeout)
+        pred_parsed = _parse_boxed(pred[:_MAX_ANSWER_LEN], timeout)
         if not gold_parsed or not pred_parsed:
             return False
         return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
@@ -145,6 +165,7 @@ def math_verify_check(pred: str, gold: str, timeout_s: float = 5.0) -> bool:
 
 def _worker_main(conn: Connection, memory_mb: int, timeout_s: float) -> None:
     """Check (index, pred, gold) items one by one, sending each verdict back as it is reached."""
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # timeouts are verdicts here
     if memory_mb > 0:
         try:
             import resource
@@ -216,7 +237,7 @@ class Verifier:
     def _start(self) -> None:
         if self._ctx is None:
             self._ctx = mp.get_context("forkserver")
-            self._ctx.set_forkserver_preload(["math_verify", "nftune.verify"])
+            self._ctx.set_forkserver_preload(["nftune._verify_warm"])
         while len(self._pool) < self.workers:
             self._pool.append(_Worker(self._ctx, self.memory_mb, self.timeout_s))
 
@@ -265,7 +286,7 @@ class Verifier:
 
     def _run_pool(self, items: list[tuple[int, str, str]], verdicts: list[bool]) -> None:
         self._start()
-        size = max(1, min(self.chunk_size, -(-len(items) // (2 * len(self._pool)))))
+        size = max(1, min(self.chunk_size, -(-len(items) // (8 * len(self._pool)))))
         queue = [items[i: i + size] for i in range(0, len(items), size)]
         busy: dict[Connection, _Worker] = {}
         deaths: dict[int, int] = {}  # item index → worker deaths while it was being checked
