@@ -60,6 +60,22 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    """Algorithm 1 on the configured model and data."""
+    from nftune.config import build_config, parse_overrides
+    from nftune.train import train
+
+    overrides = parse_overrides(extra)
+    for key in ("model", "train_data", "algo", "steps", "output_dir", "seed"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides[key] = value
+    cfg = build_config(args.config, overrides)
+    final = train(cfg, resume=args.resume, progress=not args.no_progress)
+    print(f"done: final model in {final}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nftune import __version__
 
@@ -78,6 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="std of the log-prob perturbation for the off-policy row (default 0.3)")
     p.set_defaults(func=cmd_objectives)
 
+    p = sub.add_parser(
+        "train", help="online fine-tuning (Algorithm 1) with any of the six objectives",
+        description="Online fine-tuning. Every config field can be given as --key value "
+                    "(see docs/config.md); unknown keys are errors.")
+    p.add_argument("--config", help="YAML file of config fields")
+    p.add_argument("--model", help="HF model directory or hub id")
+    p.add_argument("--train-data", dest="train_data", help="question set name or path")
+    p.add_argument("--algo", help="nft | rft | grpo | dr_grpo | dapo | infonca")
+    p.add_argument("--steps", help="rollout steps")
+    p.add_argument("--output-dir", dest="output_dir", help="run directory")
+    p.add_argument("--seed", help="seed")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train, takes_extra=True)
+
     data = sub.add_parser("data", help="inspect question sets").add_subparsers(
         dest="data_command", metavar="ACTION", required=True)
     p = data.add_parser("inspect", help="counts, cleaning report and sample prompts")
@@ -93,17 +124,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if "--debug" in extra:  # accepted after the sub-command too
+        extra.remove("--debug")
+        args.debug = True
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    if extra and not getattr(args, "takes_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if getattr(args, "takes_extra", False):
+            return int(args.func(args, extra) or 0)
         return int(args.func(args) or 0)
-    except (UserError, FileNotFoundError, ValueError) as err:
+    except (UserError, OSError, ValueError) as err:
         if args.debug:
             raise
         print(f"nftune {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 — e.g. TrainingError: one line unless --debug
+        if args.debug:
+            raise
+        print(f"nftune {args.command}: {type(err).__name__}: {err} (run with --debug for "
+              "the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

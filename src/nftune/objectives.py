@@ -157,6 +157,19 @@ def group_advantage(correct: Tensor, r_hat: Tensor, normalise_std: bool) -> Tens
     return torch.where(informative(r_hat), adv, torch.zeros_like(adv))
 
 
+def shaped_group_advantage(rewards: Tensor, group_ids: Tensor, r_hat: Tensor) -> Tensor:
+    """Â = (R − mean_q R) / std_q R for real-valued rewards R (e.g. r plus DAPO's overlong
+    penalty), population std per group; zero where the std is 0 or r̂ ∈ {0, 1}."""
+    _, g = torch.unique(group_ids, return_inverse=True)
+    n = torch.zeros(int(g.max().item()) + 1, dtype=rewards.dtype, device=rewards.device)
+    count = n.index_add(0, g, torch.ones_like(rewards))
+    mean = n.index_add(0, g, rewards) / count
+    var = n.index_add(0, g, (rewards - mean[g]) ** 2) / count
+    std = var.sqrt()[g]
+    adv = torch.where(std > 0, (rewards - mean[g]) / torch.where(std > 0, std, 1.0), 0.0)
+    return torch.where(informative(r_hat), adv, torch.zeros_like(adv))
+
+
 def clipped_pg_token_loss(
     log_ratio: Tensor, advantage: Tensor, clip_low: float = 0.2, clip_high: float = 0.28
 ) -> tuple[Tensor, Tensor]:
@@ -271,6 +284,10 @@ def rft(log_ratio, mask, correct, r_hat, num_tokens, *, weight="one"):
 def _policy_gradient(log_ratio, mask, correct, r_hat, num_tokens, normalise_std, clip_low,
                      clip_high):
     adv = group_advantage(correct, r_hat, normalise_std)
+    return _pg_with_advantage(log_ratio, mask, adv, num_tokens, clip_low, clip_high)
+
+
+def _pg_with_advantage(log_ratio, mask, adv, num_tokens, clip_low, clip_high):
     loss, clipped = clipped_pg_token_loss(log_ratio, adv, clip_low, clip_high)
     positive = (adv > 0)[:, None].to(loss.dtype)
     parts = {"loss": loss, "loss_pos": loss * positive, "loss_neg": loss * (1 - positive)}
@@ -291,12 +308,22 @@ def dr_grpo(log_ratio, mask, correct, r_hat, num_tokens, *, clip_low=0.2, clip_h
 
 
 @register_objective("dapo")
-def dapo(log_ratio, mask, correct, r_hat, num_tokens, *, clip_low=0.2, clip_high=0.28):
+def dapo(log_ratio, mask, correct, r_hat, num_tokens, *, group_ids=None, clip_low=0.2,
+         clip_high=0.28, overlong_penalty=None):
     """DAPO's per-token objective is GRPO's (Eq. 3, clip-higher, token-mean).
 
-    Its other parts, dynamic sampling and overlong reward shaping, live in the training loop.
+    Dynamic sampling lives in the training loop. Overlong reward shaping arrives as
+    ``overlong_penalty`` (B,) ≤ 0, added to r before the group normalisation
+    (needs ``group_ids``).
     """
-    return _policy_gradient(log_ratio, mask, correct, r_hat, num_tokens, True, clip_low, clip_high)
+    if overlong_penalty is None:
+        return _policy_gradient(log_ratio, mask, correct, r_hat, num_tokens, True, clip_low,
+                                clip_high)
+    if group_ids is None:
+        raise ValueError("group_ids: required by 'dapo' with overlong_penalty")
+    rewards = correct.to(log_ratio.dtype) + overlong_penalty.to(log_ratio.dtype)
+    adv = shaped_group_advantage(rewards, group_ids, r_hat)
+    return _pg_with_advantage(log_ratio, mask, adv, num_tokens, clip_low, clip_high)
 
 
 @register_objective("infonca")
@@ -411,6 +438,8 @@ def compute_loss(
     fn = OBJECTIVES[algo]
     if algo == "infonca":
         hparams = {"logprobs": logprobs, "group_ids": group_ids, **hparams}
+    elif algo == "dapo" and hparams.get("overlong_penalty") is not None:
+        hparams = {"group_ids": group_ids, **hparams}
     _check_hparams(algo, fn, hparams)
     # log R_t, exactly 0 off the response (padding may hold any value, even -inf)
     log_ratio = torch.where(mask > 0, logprobs - old_logprobs.detach(), 0.0)

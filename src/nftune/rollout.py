@@ -1,0 +1,243 @@
+"""Rollout: prompts → K sampled answers each, as token tensors with per-token log-probs.
+
+One :class:`Rollout` carries a batch of B = questions × K answers between the stages; no later
+stage re-tokenises text. Prompts are left-padded to a common width P, so every response starts
+at column P; responses are right-padded to width R and end at EOS or at ``max_new_tokens``
+(truncated, and then counted as wrong by the trainer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Rollout:
+    input_ids: Tensor  # (B, P + R) prompt (left-padded) then response (right-padded)
+    attention_mask: Tensor  # (B, P + R)
+    prompt_len: int  # P: every response starts at this column
+    response_mask: Tensor  # (B, R) 1 on response tokens, EOS included
+    truncated: Tensor  # (B,) bool: no EOS within max_new_tokens
+    group_ids: Tensor  # (B,) index of the answer's question in this rollout
+    texts: list[str]  # decoded responses
+    old_logprobs: Tensor | None = None  # (B, R) log π_old of each response token
+    entropy: Tensor | None = None  # (B, R) entropy of π_old at each response position
+    correct: Tensor | None = None  # (B,) verifier outcome, float 0/1
+    r_hat: Tensor | None = None  # (B,) accuracy of the answer's group
+    penalty: Tensor | None = None  # (B,) reward shaping added to r (DAPO's overlong penalty)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def response_lengths(self) -> Tensor:
+        return self.response_mask.sum(1)
+
+    def select(self, rows: Tensor | list[int]) -> Rollout:
+        """The answers at ``rows`` (a view of every per-answer field)."""
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                out[f.name] = value[idx.to(value.device)]
+            elif isinstance(value, list):
+                out[f.name] = [value[i] for i in idx.tolist()]
+            else:
+                out[f.name] = value
+        return Rollout(**out)
+
+    def trimmed(self) -> Rollout:
+        """Drop prompt columns that are padding in every row and response columns past the
+        longest response: a micro-batch then costs only its own longest sequence."""
+        lead = int((self.attention_mask[:, : self.prompt_len].sum(0) == 0).sum().item())
+        width = int(self.response_lengths.max().item()) if len(self) else 0
+        width = max(width, 1)
+        end = self.prompt_len + width
+        per_token = ("response_mask", "old_logprobs", "entropy")
+        changes = {name: getattr(self, name)[:, :width] for name in per_token
+                   if getattr(self, name) is not None}
+        return replace(self, input_ids=self.input_ids[:, lead:end],
+                       attention_mask=self.attention_mask[:, lead:end],
+                       prompt_len=self.prompt_len - lead, **changes)
+
+    def to(self, device: torch.device | str) -> Rollout:
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), Tensor)})
+
+
+def position_ids_for(attention_mask: Tensor) -> Tensor:
+    """Positions as Hugging Face ``generate`` assigns them to left-padded rows."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+
+def response_logprobs(model, input_ids: Tensor, attention_mask: Tensor, prompt_len: int,
+                      with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Per-token log π(a_t | q, a_<t) of the response columns, (B, R), and optionally the
+    policy's entropy at each of them. Log-softmax runs in fp32 whatever the model's dtype."""
+    width = input_ids.shape[1] - prompt_len
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_for(attention_mask),
+                   logits_to_keep=width + 1).logits[:, :-1].float()
+    logp_all = torch.log_softmax(logits, dim=-1)
+    targets = input_ids[:, prompt_len:]
+    logprobs = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logprobs, entropy
+
+
+@torch.no_grad()
+def generate_rollout(model, tokenizer, prompts: list[str], k: int, *, max_new_tokens: int,
+                     temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                     batch_size: int = 64, logprobs_from: str | None = "recompute",
+                     micro_batch_tokens: int = 16384) -> Rollout:
+    """Sample ``k`` answers for each prompt with Hugging Face ``generate``.
+
+    Args:
+        prompts: formatted prompts; answer ``i * k + j`` is the j-th answer to prompt i.
+        temperature, top_p, top_k: sampling (``top_k=0`` disables the top-k filter that
+            ``generate`` otherwise applies); temperature 0 means greedy.
+        batch_size: answers per ``generate`` call.
+        logprobs_from: ``"recompute"`` (one no-grad forward over the rollout, exactly the
+            training forward), ``"generate"`` (from the sampling step's own logits, saving that
+            forward; exact only at temperature 1), or None (skip; e.g. evaluation).
+    """
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id
+    eos_id = tokenizer.eos_token_id
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    rows = [encoded[i] for i in range(len(prompts)) for _ in range(k)]
+    width_p = max(len(r) for r in rows)
+    chunks, chunk_logprobs = [], []
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
+    if temperature <= 0:
+        sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    for start in range(0, len(rows), batch_size):
+        part = rows[start: start + batch_size]
+        p = max(len(r) for r in part)
+        ids = torch.tensor([[pad_id] * (p - len(r)) + r for r in part], device=device)
+        attn = torch.tensor([[0] * (p - len(r)) + [1] * len(r) for r in part], device=device)
+        out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
+                             eos_token_id=eos_id, pad_token_id=pad_id,
+                             return_dict_in_generate=True,
+                             output_logits=logprobs_from == "generate", **sampling)
+        chunks.append(out.sequences[:, p:])
+        if logprobs_from == "generate":
+            logits = torch.stack(out.logits, dim=1).float()  # (b, R, V), before any warping
+            logp_all = torch.log_softmax(logits, -1)
+            chunk_logprobs.append(torch.stack([
+                logp_all.gather(-1, out.sequences[:, p:].unsqueeze(-1)).squeeze(-1),
+                -(logp_all.exp() * logp_all).sum(-1)]))
+    width_r = max(c.shape[1] for c in chunks)
+    response = torch.cat([torch.nn.functional.pad(c, (0, width_r - c.shape[1]), value=pad_id)
+                          for c in chunks])
+    is_eos = response == eos_id
+    response_mask = ((is_eos.long().cumsum(1) - is_eos.long()) == 0).long()  # through first EOS
+    truncated = ~is_eos.any(1)
+    prompt_ids = torch.tensor([[pad_id] * (width_p - len(r)) + r for r in rows], device=device)
+    prompt_attn = torch.tensor([[0] * (width_p - len(r)) + [1] * len(r) for r in rows],
+                               device=device)
+    response = torch.where(response_mask.bool(), response, pad_id)
+    texts = tokenizer.batch_decode([r[m.bool()] for r, m in zip(response, response_mask,
+                                                                 strict=True)],
+                                   skip_special_tokens=True)
+    rollout = Rollout(
+        input_ids=torch.cat([prompt_ids, response], 1),
+        attention_mask=torch.cat([prompt_attn, response_mask], 1),
+        prompt_len=width_p, response_mask=response_mask, truncated=truncated,
+        group_ids=torch.arange(len(prompts), device=device).repeat_interleave(k), texts=texts)
+    if logprobs_from == "generate":
+        lp = torch.cat([torch.nn.functional.pad(c, (0, width_r - c.shape[2])) for c in
+                        chunk_logprobs], dim=1)
+        rollout.old_logprobs, rollout.entropy = lp[0] * response_mask, lp[1] * response_mask
+    elif logprobs_from == "recompute":
+        rollout.old_logprobs, rollout.entropy = recompute_logprobs(model, rollout,
+                                                                   micro_batch_tokens)
+    return rollout
+
+
+@torch.no_grad()
+def recompute_logprobs(model, rollout: Rollout, micro_batch_tokens: int
+                       ) -> tuple[Tensor, Tensor]:
+    """log π(a_t) and the entropy at every response position, by a no-grad forward."""
+    logprobs = torch.zeros(rollout.response_mask.shape, device=rollout.input_ids.device)
+    entropy = torch.zeros_like(logprobs)
+    for rows in micro_batches(rollout, micro_batch_tokens):
+        part = rollout.select(rows).trimmed()
+        lp, ent = response_logprobs(model, part.input_ids, part.attention_mask, part.prompt_len,
+                                    with_entropy=True)
+        width = lp.shape[1]
+        logprobs[rows, :width] = lp * part.response_mask
+        entropy[rows, :width] = ent * part.response_mask
+    return logprobs, entropy
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """One rollout from several (e.g. dynamic-sampling rounds): prompts re-padded on the left,
+    responses on the right, group ids renumbered."""
+    width_p = max(r.prompt_len for r in parts)
+    width_r = max(r.response_mask.shape[1] for r in parts)
+    pad = torch.nn.functional.pad
+
+    def left(t: Tensor, n: int, value: int) -> Tensor:
+        return pad(t, (n, 0), value=value)
+
+    ids, attn, group_ids, offset = [], [], [], 0
+    for r in parts:
+        extra_p, extra_r = width_p - r.prompt_len, width_r - r.response_mask.shape[1]
+        ids.append(pad(left(r.input_ids, extra_p, pad_id), (0, extra_r), value=pad_id))
+        attn.append(pad(left(r.attention_mask, extra_p, 0), (0, extra_r), value=0))
+        _, renumbered = torch.unique(r.group_ids, return_inverse=True)
+        group_ids.append(renumbered + offset)
+        offset += int(renumbered.max().item()) + 1 if len(r) else 0
+
+    def cat(name: str, per_token: bool) -> Tensor | None:
+        values = [getattr(r, name) for r in parts]
+        if any(v is None for v in values):
+            return None
+        if per_token:
+            values = [pad(v, (0, width_r - v.shape[1])) for v in values]
+        return torch.cat(values)
+
+    return Rollout(
+        input_ids=torch.cat(ids), attention_mask=torch.cat(attn), prompt_len=width_p,
+        response_mask=cat("response_mask", True), truncated=cat("truncated", False),
+        group_ids=torch.cat(group_ids), texts=[t for r in parts for t in r.texts],
+        old_logprobs=cat("old_logprobs", True), entropy=cat("entropy", True),
+        correct=cat("correct", False), r_hat=cat("r_hat", False),
+        penalty=cat("penalty", False))
+
+
+def micro_batches(rollout: Rollout, max_tokens: int, keep_groups: bool = False
+                  ) -> list[list[int]]:
+    """Split answers into micro-batches whose padded size (rows × longest sequence) stays
+    within ``max_tokens``; with ``keep_groups`` a question's answers stay together."""
+    lengths = (rollout.attention_mask.sum(1)).tolist()
+    if keep_groups:
+        units: list[list[int]] = []
+        for g in torch.unique(rollout.group_ids).tolist():
+            units.append(torch.nonzero(rollout.group_ids == g).flatten().tolist())
+    else:
+        units = [[i] for i in range(len(rollout))]
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for unit in units:
+        unit_longest = max(lengths[i] for i in unit)
+        new_longest = max(longest, unit_longest)
+        if current and new_longest * (len(current) + len(unit)) > max_tokens:
+            batches.append(current)
+            current, new_longest = [], unit_longest
+        current = current + unit
+        longest = new_longest
+    if current:
+        batches.append(current)
+    return batches

@@ -1,0 +1,203 @@
+"""The trainer on a tiny model: resume after SIGKILL, degenerate rewards, NaN, errors, memory."""
+
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nftune import train as train_module
+from nftune.config import build_config
+from nftune.rollout import Rollout, concat_rollouts, micro_batches
+from nftune.train import TrainingError, overlong_penalty, train
+
+TIMING_KEYS = {"time_generate_s", "time_verify_s", "time_update_s", "tokens_per_s"}
+
+
+def config(tiny_base, files, out, **kw):
+    base = dict(model=str(tiny_base), train_data=str(files["train"]), template="raw",
+                output_dir=str(out), steps=3, prompts_per_step=4, answers_per_prompt=4,
+                max_new_tokens=24, lr=1e-3, warmup_steps=1, minibatches=2, save_every=0,
+                verify_workers=1, gen_batch_size=64)
+    base.update(kw)
+    return build_config(None, base)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "nftune.cli", *args], capture_output=True,
+                          text=True, **kw)
+
+
+def test_every_algorithm_runs_and_logs_the_documented_metrics(tiny_base, arithmetic_files,
+                                                              tmp_path):
+    required = {"step", "reward_mean", "reward_mean_trained", "kept_fraction", "entropy",
+                "response_length", "truncated_fraction", "loss", "loss_pos", "loss_neg",
+                "ratio_mean", "ratio_max", "clip_fraction", "grad_norm", "lr",
+                "time_generate_s", "time_verify_s", "time_update_s", "tokens_per_s"}
+    for algo in ["nft", "rft", "grpo", "dr_grpo", "dapo", "infonca"]:
+        out = tmp_path / algo
+        # enough questions per step that every algorithm sees a mixed group
+        train(config(tiny_base, arithmetic_files, out, algo=algo, steps=2, prompts_per_step=8,
+                     max_gen_batches=8), progress=False)
+        rows = read_metrics(out / "metrics.jsonl")
+        assert [r["step"] for r in rows] == [1, 2]
+        updated = [r for r in rows if r.get("optimizer_steps", 0) > 0]
+        assert updated, f"{algo}: no update happened"
+        assert required <= set(updated[0]), (algo, required - set(updated[0]))
+        assert (out / "final" / "model.safetensors").exists()
+        assert (out / "config.yaml").exists() and (out / "train.log").exists()
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_base, arithmetic_files,
+                                                           tmp_path):
+    args = ["train", "--model", str(tiny_base), "--train-data", str(arithmetic_files["train"]),
+            "--template", "raw", "--steps", "6", "--prompts-per-step", "4",
+            "--answers-per-prompt", "4", "--max-new-tokens", "24", "--lr", "1e-3",
+            "--minibatches", "2", "--save-every", "2", "--keep-checkpoints", "2",
+            "--verify-workers", "1", "--no-progress", "--seed", "3"]
+    straight = tmp_path / "straight"
+    done = cli(*args, "--output-dir", str(straight))
+    assert done.returncode == 0, done.stderr
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "nftune.cli", *args, "--output-dir",
+                             str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step-4").exists():
+        assert proc.poll() is None, "run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final").exists()
+    resumed = cli(*args, "--output-dir", str(killed), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+
+    a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(killed / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a, b, strict=True):
+        assert {k: v for k, v in x.items() if k not in TIMING_KEYS} == \
+               {k: v for k, v in y.items() if k not in TIMING_KEYS}
+    wa = load_file(straight / "final" / "model.safetensors")
+    wb = load_file(killed / "final" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # only the last keep_checkpoints step checkpoints remain
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-2", "step-4"]
+
+
+@pytest.mark.parametrize("algo", ["nft", "grpo"])
+def test_a_model_that_is_never_right_changes_nothing(tiny_base, tmp_path, algo):
+    impossible = tmp_path / "impossible.jsonl"
+    impossible.write_text("".join(json.dumps({"id": str(i), "problem": f"{i}+{i}",
+                                              "answer": "98765432"}) + "\n" for i in range(20)))
+    out = tmp_path / "run"
+    train(config(tiny_base, {"train": impossible}, out, algo=algo, steps=2), progress=False)
+    rows = read_metrics(out / "metrics.jsonl")
+    assert all(r["reward_mean"] == 0 and r["optimizer_steps"] == 0 for r in rows)
+    if algo == "nft":  # dynamic sampling: logged that nothing was kept
+        assert all(r["kept_fraction"] == 0 for r in rows)
+        assert "nothing kept" in (out / "train.log").read_text()
+    before = load_file(Path(tiny_base) / "model.safetensors")
+    after = load_file(out / "final" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_nan_loss_skips_then_stops_keeping_the_last_checkpoint(tiny_base, arithmetic_files,
+                                                               tmp_path, monkeypatch):
+    real = train_module.compute_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kw):
+        loss, metrics = real(*args, **kw)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] > 2 else loss), metrics
+
+    monkeypatch.setattr(train_module, "compute_loss", poisoned)
+    out = tmp_path / "run"
+    cfg = config(tiny_base, arithmetic_files, out, steps=10, minibatches=1, save_every=1,
+                 prompts_per_step=8, max_gen_batches=8, micro_batch_tokens=100_000,
+                 max_nan_steps=3)
+    with pytest.raises(TrainingError, match="3 optimizer steps in a row"):
+        train(cfg, progress=False)
+    log = (out / "train.log").read_text()
+    assert log.count("optimizer step skipped") == 3
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints and not (out / "final").exists()
+    weights = load_file(out / "checkpoints" / checkpoints[-1] / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_clear_errors_without_traceback(tiny_base, arithmetic_files, tmp_path):
+    cases = [
+        (["--model", str(tmp_path / "missing"), "--train-data", str(arithmetic_files["train"])],
+         "not a model directory"),
+        (["--model", str(tiny_base), "--train-data", str(tmp_path / "nope.jsonl")],
+         "nope.jsonl: no such file"),
+        (["--model", str(tiny_base), "--train-data", str(arithmetic_files["train"]),
+          "--prompts-per-stp", "3"], "did you mean prompts_per_step"),
+    ]
+    for args, message in cases:
+        done = cli("train", *args, "--output-dir", str(tmp_path / "o"))
+        assert done.returncode != 0
+        assert message in done.stderr and "Traceback" not in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_one_model_copy_in_memory(tiny_base, arithmetic_files, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    loads = []
+    real_load = AutoModelForCausalLM.from_pretrained.__func__
+
+    def counting(cls, *a, **k):
+        loads.append(a)
+        return real_load(cls, *a, **k)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counting))
+    seen = []
+    real_update = train_module.update_policy
+
+    def update_and_count(model, *a, **k):
+        result = real_update(model, *a, **k)
+        shape = model.get_input_embeddings().weight.shape
+        gc.collect()
+        seen.append(sum(1 for o in gc.get_objects()
+                        if isinstance(o, torch.Tensor) and o.shape == shape))
+        return result
+
+    monkeypatch.setattr(train_module, "update_policy", update_and_count)
+    train(config(tiny_base, arithmetic_files, tmp_path / "run", steps=2, prompts_per_step=8,
+                 max_gen_batches=8), progress=False)
+    assert len(loads) == 1
+    # the embedding matrix, its gradient and AdamW's two moments: no second model
+    assert seen and max(seen) <= 4
+
+
+def test_overlong_penalty_by_hand():
+    lengths = torch.tensor([10, 30, 35, 40])
+    # L_max = 40, L_cache = 10: no penalty up to 30, then linear to −1 at 40
+    assert overlong_penalty(lengths, 40, 0.25).tolist() == [0.0, 0.0, -0.5, -1.0]
+
+
+def test_micro_batches_respect_the_token_budget_and_groups():
+    attn = torch.ones(6, 10, dtype=torch.long)
+    attn[:, 8:] = 0
+    r = Rollout(input_ids=torch.zeros(6, 10, dtype=torch.long), attention_mask=attn,
+                prompt_len=4, response_mask=attn[:, 4:], truncated=torch.zeros(6, dtype=bool),
+                group_ids=torch.tensor([0, 0, 1, 1, 2, 2]), texts=[""] * 6)
+    assert micro_batches(r, 16) == [[0, 1], [2, 3], [4, 5]]
+    assert micro_batches(r, 24, keep_groups=True) == [[0, 1], [2, 3], [4, 5]]
+    assert micro_batches(r, 1000) == [[0, 1, 2, 3, 4, 5]]
+    merged = concat_rollouts([r.select([2, 3]), r.select([4, 5])], pad_id=0)
+    assert merged.group_ids.tolist() == [0, 0, 1, 1]
