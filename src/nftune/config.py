@@ -155,6 +155,21 @@ def field_help() -> list[tuple[str, str, Any]]:
     return [(f.name, f.metadata["help"], f.default) for f in dataclasses.fields(TrainConfig)]
 
 
+def config_markdown() -> str:
+    """docs/config.md: every field, its default and its help (a test keeps the file current)."""
+    lines = ["# Configuration", "",
+             "Every field of `nftune.config.TrainConfig`, settable in a YAML file "
+             "(`--config FILE.yaml`) and on the command line (`--key value`, dashes or "
+             "underscores). A key that does not exist is an error naming the closest ones. "
+             "`None` means the per-algorithm default of the paper, filled in by `resolve()`.",
+             "", "| key | default | meaning |", "|---|---|---|"]
+    for name, help_text, default in field_help():
+        lines.append(f"| `{name}` | `{default!r}` | {help_text.replace('|', '/')} |")
+    lines += ["", "Regenerate with `python -c \"from nftune.config import config_markdown; "
+              "print(config_markdown(), end='')\" > docs/config.md`.", ""]
+    return "\n".join(lines)
+
+
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """Convert a YAML or command-line value to the field's type."""
     args = [a for a in get_args(hint) if a is not type(None)]

@@ -29,8 +29,8 @@ class BaseSpec:
     layers: int = 3
     heads: int = 4
     train_problems: int = 4000
-    noise: float = 0.5  # probability that a worked step is off by a little
-    sft_steps: int = 300
+    noise: float = 0.3  # probability that a worked step is off by a little
+    sft_steps: int = 800
     batch_size: int = 64
     lr: float = 3e-3
 

@@ -1,0 +1,51 @@
+"""Configuration: per-algorithm defaults from the paper, YAML + CLI overrides, clear errors."""
+
+from pathlib import Path
+
+import pytest
+
+from nftune.config import build_config, config_markdown, parse_overrides
+
+
+@pytest.mark.parametrize("algo, weight, dynamic, overlong", [
+    ("nft", "dr_grpo", True, False),
+    ("rft", "one", True, False),
+    ("grpo", None, False, False),
+    ("dr_grpo", None, False, False),
+    ("dapo", None, True, True),
+    ("infonca", None, True, False),
+])
+def test_paper_defaults_per_algorithm(algo, weight, dynamic, overlong):
+    cfg = build_config(None, {"algo": algo})
+    assert (cfg.weight, cfg.dynamic_sampling, cfg.overlong_shaping) == (weight, dynamic, overlong)
+    assert cfg.eps == 1.0 and (cfg.clip_low, cfg.clip_high) == (0.2, 0.28) and cfg.beta == 0.1
+    assert cfg.temperature == 1.0 and cfg.top_k == 0 and cfg.top_p == 1.0
+
+
+def test_yaml_then_command_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("algo: rft\nlr: 2.0e-6\nsteps: 7\ndynamic_sampling: false\n")
+    cfg = build_config(str(path), parse_overrides(["--steps", "9", "--eval-k=4",
+                                                   "--weight", "grpo"]))
+    assert (cfg.algo, cfg.lr, cfg.steps, cfg.eval_k) == ("rft", 2e-6, 9, 4)
+    assert cfg.dynamic_sampling is False and cfg.weight == "grpo"
+
+
+def test_errors_name_the_key():
+    with pytest.raises(ValueError, match="did you mean prompts_per_step"):
+        build_config(None, {"prompts_per_stp": 3})
+    with pytest.raises(ValueError, match="steps: expected int"):
+        build_config(None, {"steps": "many"})
+    with pytest.raises(ValueError, match="algo"):
+        build_config(None, {"algo": "ppo"})
+    with pytest.raises(ValueError, match="weight"):
+        build_config(None, {"algo": "grpo", "weight": "one"})
+    with pytest.raises(ValueError, match="missing value"):
+        parse_overrides(["--steps"])
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        build_config("nope.yaml")
+
+
+def test_docs_config_is_current():
+    doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert doc.read_text() == config_markdown()
