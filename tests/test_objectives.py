@@ -265,3 +265,20 @@ def test_bad_inputs_name_the_argument():
 
 def test_registry_lists_the_six_objectives():
     assert sorted(OBJECTIVES) == sorted(["nft", "rft", "grpo", "dr_grpo", "dapo", "infonca"])
+
+
+def test_dapo_overlong_penalty_by_hand():
+    # one group of four: rewards r + penalty = [1, 0.5, 0, −1]
+    old = torch.zeros(4, 2)
+    lp = old.clone()
+    mask = torch.ones(4, 2)
+    correct = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    r_hat = torch.full((4,), 0.5)
+    penalty = torch.tensor([0.0, -0.5, 0.0, -1.0])
+    _, grad, _ = grad_of("dapo", lp, old, mask, correct, r_hat, torch.zeros(4, dtype=torch.long),
+                         overlong_penalty=penalty)
+    rewards = [1.0, 0.5, 0.0, -1.0]
+    mean = sum(rewards) / 4
+    std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / 4)
+    expected = torch.tensor([-(x - mean) / std / 8 for x in rewards])[:, None].expand(4, 2)
+    torch.testing.assert_close(grad, expected, atol=1e-12, rtol=0)

@@ -89,6 +89,150 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """The paper's benchmark table for a model, or for precomputed responses."""
+    import os
+    import time
+    from pathlib import Path
+
+    from nftune.data import load_questions, strategy_for
+    from nftune.evaluate import (
+        PAPER_BENCHMARKS,
+        benchmark_k,
+        benchmark_template,
+        evaluate_questions,
+        format_table,
+        grade_items,
+        write_eval_outputs,
+    )
+    from nftune.verify import Verifier
+
+    if bool(args.model) == bool(args.responses):
+        raise UserError("give exactly one of --model or --responses")
+    names = [n.strip() for n in (args.benchmarks or ",".join(PAPER_BENCHMARKS)).split(",")]
+    data_dir = args.data_dir or os.environ.get("NFTUNE_DATA_DIR")
+    results = []
+    started = time.perf_counter()
+    with Verifier(workers=args.verify_workers) as verifier:
+        if args.responses:
+            by_set = _read_responses(Path(args.responses))
+            names = [n for n in names if n in by_set] if args.benchmarks else list(by_set)
+            for name in names:
+                questions = {q.id: q for q in load_questions(name, data_dir=data_dir,
+                                                             clean=False)}
+                rows = by_set[name]
+                missing = [i for i in rows if i not in questions]
+                if missing:
+                    raise UserError(f"{args.responses}: {name} has no item with id "
+                                    f"{missing[0]!r}")
+                qs = [questions[i] for i in rows]
+                template = benchmark_template(name, args.template)
+                results.append(grade_items(name, qs, [rows[q.id] for q in qs], verifier,
+                                           strategy=strategy_for(template)))
+            title = Path(args.responses).stem
+        else:
+            import torch
+
+            from nftune.train import load_policy, pick_device
+
+            torch.manual_seed(args.seed)
+            model, tokenizer = load_policy(args.model, pick_device(args.device))
+            for name in names:
+                qs = load_questions(name, data_dir=data_dir, clean=False, limit=args.limit)
+                results.append(evaluate_questions(
+                    model, tokenizer, qs.questions, name=Path(name).stem,
+                    k=benchmark_k(name, args.k),
+                    temperature=args.temperature, top_p=args.top_p,
+                    max_new_tokens=args.max_new_tokens,
+                    template=benchmark_template(name, args.template),
+                    batch_size=args.batch_size, verifier=verifier))
+            title = args.model
+    settings = {"temperature": args.temperature, "top_p": args.top_p,
+                "max_new_tokens": args.max_new_tokens, "template": args.template or "per set",
+                "k": args.k or "per set (32 for AIME/AMC, 1 otherwise)"}
+    print(format_table(results, title))
+    answers = sum(r.questions * r.k for r in results)
+    verify_s = sum(r.verify_s for r in results)
+    generate_s = sum(r.generate_s for r in results)
+    tokens = sum(r.response_tokens for r in results)
+    print(f"\ngrading: {answers} answers in {verify_s:.2f} s "
+          f"({answers / max(verify_s, 1e-9):,.0f}/s)")
+    if generate_s:
+        print(f"generation: {answers} answers, {tokens} tokens in {generate_s:.1f} s "
+              f"({answers / generate_s:,.1f} answers/s, {tokens / generate_s:,.0f} tokens/s)")
+    output = Path(args.output or "eval_results")
+    json_path, md_path = write_eval_outputs(results, output, title, settings)
+    print(f"per-item results: {json_path} and {md_path} "
+          f"({time.perf_counter() - started:.0f} s in all)")
+    return 0
+
+
+def _read_responses(path) -> dict:
+    """{benchmark: {id: [responses]}} from JSONL rows {benchmark, id, response|responses}."""
+    import json
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    out: dict = {}
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: row {n}: invalid JSON ({err.msg})") from None
+        for key in ("benchmark", "id"):
+            if key not in row:
+                raise UserError(f"{path}: row {n}: missing field {key!r}")
+        responses = row.get("responses", [row["response"]] if "response" in row else None)
+        if not isinstance(responses, list):
+            raise UserError(f"{path}: row {n}: missing field 'response' or 'responses'")
+        out.setdefault(row["benchmark"], {}).setdefault(str(row["id"]), []).extend(responses)
+    return out
+
+
+def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
+    """Algorithms × seeds (or an ablation sweep) through the same trainer, one report."""
+    from pathlib import Path
+
+    import yaml
+
+    from nftune.compare import build_report, demo_base_config, evaluate_base, run_comparison
+    from nftune.config import ALGOS, parse_overrides
+
+    if args.report:
+        result = build_report(args.report)
+        print((Path(args.report) / "results.md").read_text())
+        return 0 if result["summary"] else 1
+    out = Path(args.output_dir)
+    if args.config:
+        path = Path(args.config)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: config file not found")
+        base = yaml.safe_load(path.read_text()) or {}
+    else:
+        base, _ = demo_base_config(args.quick, args.cache_dir, out)
+    base.update(parse_overrides(extra))
+    if not base.get("eval_data") or not int(base.get("eval_every") or 0):
+        raise UserError("compare needs held-out evaluation: set eval_data and eval_every")
+    algos = [a.strip() for a in args.algos.split(",")]
+    unknown = [a for a in algos if a not in ALGOS]
+    if unknown:
+        raise UserError(f"--algos: unknown {unknown}; valid: {list(ALGOS)}")
+    sweep = None
+    if args.sweep:
+        key, _, values = args.sweep.partition("=")
+        if not values:
+            raise UserError("--sweep: expected KEY=V1,V2,...")
+        sweep = (key.replace("-", "_"), [v.strip() for v in values.split(",")])
+    seeds = list(range(args.seeds))
+    base_accuracy = evaluate_base({**base, "algo": algos[0]}, out)
+    print(f"base model held-out accuracy: {100 * base_accuracy:.1f}")
+    run_comparison(base, algos, seeds, str(out), sweep, progress=not args.no_progress)
+    print((out / "results.md").read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nftune import __version__
 
@@ -120,6 +264,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached base model")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "compare", help="algorithms × seeds (and ablations) through one trainer, one report",
+        description="Defaults to the demo's task, base model and settings; --config FILE "
+                    "compares on your own model and data. Extra --key value pairs override "
+                    "config fields for every run.")
+    p.add_argument("--config", help="YAML of shared config fields (default: the demo's)")
+    p.add_argument("--algos", default="nft,rft,grpo,dr_grpo,dapo,infonca")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per algorithm")
+    p.add_argument("--sweep", default=None, help="ablation, e.g. eps=0.01,0.1,0.5,1.0 or "
+                                                 "weight=one,dr_grpo,grpo")
+    p.add_argument("--output-dir", default="runs/compare")
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help="only rebuild tables and plots from the finished runs in DIR")
+    p.add_argument("--quick", action="store_true", help="the quick demo's smaller settings")
+    p.add_argument("--cache-dir", default=None, help="demo base-model cache")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_compare, takes_extra=True)
+
+    p = sub.add_parser("eval", help="the paper's benchmark table (avg@k, pass@k)")
+    p.add_argument("--model", help="HF model directory or hub id to generate with")
+    p.add_argument("--responses", help="grade precomputed responses instead (JSONL rows "
+                                       "{benchmark, id, response | responses})")
+    p.add_argument("--benchmarks", default=None,
+                   help="comma-separated sets (default: the paper's six)")
+    p.add_argument("--data-dir", default=None,
+                   help="directory of <name>.jsonl sets (default $NFTUNE_DATA_DIR, else hub)")
+    p.add_argument("--k", type=int, default=None,
+                   help="samples per question (default 32 for AIME24/25, AMC23; 1 otherwise)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="1.0 for 7B models, 0.6 for 32B in the paper")
+    p.add_argument("--top-p", type=float, default=0.7)
+    p.add_argument("--max-new-tokens", type=int, default=4096)
+    p.add_argument("--template", default=None,
+                   help="prompt template (default: dapo for AIME/AMC, boxed otherwise)")
+    p.add_argument("--limit", type=int, default=None, help="first N questions of each set")
+    p.add_argument("--batch-size", type=int, default=64, help="answers per generate call")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verify-workers", type=int, default=None)
+    p.add_argument("--output", default=None,
+                   help="output path stem for .json and .md (default eval_results)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
         "train", help="online fine-tuning (Algorithm 1) with any of the six objectives",

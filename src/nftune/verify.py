@@ -258,14 +258,16 @@ class Verifier:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def verify(self, responses: Sequence[str], golds: Sequence[str]) -> list[bool]:
-        """One verdict per (response, gold) pair."""
+    def verify(self, responses: Sequence[str], golds: Sequence[str],
+               strategy: str | None = None) -> list[bool]:
+        """One verdict per (response, gold) pair; ``strategy`` overrides the pool's."""
+        strategy = strategy or self.strategy
         if len(responses) != len(golds):
             raise ValueError(f"golds: {len(golds)} golds for {len(responses)} responses")
         verdicts = [False] * len(responses)
         slow: list[tuple[int, str, str]] = []
         for i, (response, gold) in enumerate(zip(responses, golds, strict=True)):
-            pred = extract_answer(response, self.strategy)
+            pred = extract_answer(response, strategy)
             if pred is not None:
                 pred = pred.replace("\x00", "").strip() or None
             if pred is None:

@@ -1,0 +1,207 @@
+"""nftune's trainer against TRL's GRPOTrainer on the same paper-shaped workload, in one run.
+
+Usage: python benchmarks/vs_trl.py [--prompts 32] [--k 8] [--new-tokens 48] [--minibatches 4]
+                                   [--rollouts 3] [--repeats 3] [--cache DIR]
+
+Workload: one rollout of P questions × K answers (at most `--new-tokens` tokens), then M
+mini-batch optimizer steps on it; repeated `--rollouts` times. Both trainers run the GRPO
+objective with DAPO's clip-higher (0.2 / 0.28), token-level loss, no KL (β = 0), temperature
+1, no top-k, the same model (the demo's base model: a tiny Qwen2 that answers the arithmetic
+task some of the time), the same questions and nftune's verifier as the reward. TRL:
+`per_device_train_batch_size = P·K/M`, `steps_per_generation = M`, `num_generations = K`.
+Each measurement runs in its own process (peak RSS is that process's); runs alternate
+nftune / TRL / floor and the median of the repeats is reported, plus the on-policy shape
+M = 1. The compute floor is generate + one no-grad forward + M forward/backward passes over
+the same tokens, with no verification or bookkeeping.
+
+Needs `pip install -e ".[bench]"` (trl is a benchmark-only dependency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def base_model(cache: str) -> Path:
+    from nftune.tasks.base_model import BaseSpec, cached_base_model
+
+    path, _ = cached_base_model(cache, BaseSpec())
+    return path
+
+
+def questions(n: int = 2000):
+    from nftune.tasks.arithmetic import make_questions
+
+    return make_questions(n, "train", 0, 2)
+
+
+def run_nftune(args, model: Path, workdir: Path, old_logprobs: str) -> dict:
+    import json as _json
+
+    from nftune.config import build_config
+    from nftune.train import train
+
+    data = workdir / "train.jsonl"
+    data.write_text("".join(_json.dumps(q.__dict__) + "\n" for q in questions()))
+    cfg = build_config(None, dict(
+        model=str(model), train_data=str(data), template="raw", algo="grpo",
+        output_dir=str(workdir / "nftune"), steps=args.rollouts,
+        prompts_per_step=args.prompts, answers_per_prompt=args.k,
+        max_new_tokens=args.new_tokens, minibatches=args.minibatches, lr=1e-6,
+        warmup_steps=0, gen_batch_size=args.prompts * args.k, save_every=0,
+        verify_workers=2, old_logprobs=old_logprobs, device="cpu"))
+    start = time.perf_counter()
+    train(cfg, progress=False)
+    seconds = time.perf_counter() - start
+    rows = [_json.loads(x) for x in (workdir / "nftune" / "metrics.jsonl").read_text().split("\n")
+            if x]
+    phases = {k: sum(r[k] for r in rows) for k in ("time_generate_s", "time_verify_s",
+                                                    "time_update_s")}
+    return {"seconds": seconds, "phases": phases}
+
+
+def run_trl(args, model_dir: Path, workdir: Path) -> dict:
+    import datasets
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from trl import GRPOConfig, GRPOTrainer
+
+    from nftune.verify import Verifier
+
+    verifier = Verifier(workers=2, strategy="auto")
+
+    def reward(completions, answer, **_):
+        return [float(v) for v in verifier.verify(completions, answer)]
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    qs = questions()
+    dataset = datasets.Dataset.from_list([{"prompt": q.problem, "answer": q.answer} for q in qs])
+    per_step = args.prompts * args.k // args.minibatches
+    config = GRPOConfig(
+        output_dir=str(workdir / "trl"), per_device_train_batch_size=per_step,
+        gradient_accumulation_steps=1, steps_per_generation=args.minibatches,
+        num_generations=args.k, max_completion_length=args.new_tokens, temperature=1.0,
+        top_p=1.0, top_k=0, beta=0.0, loss_type="dapo", epsilon=0.2, epsilon_high=0.28,
+        learning_rate=1e-6, max_steps=args.rollouts * args.minibatches, num_iterations=1,
+        report_to="none", save_strategy="no", logging_steps=10**6, use_cpu=True,
+        bf16=False, seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config,
+                          train_dataset=dataset, processing_class=tokenizer)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    verifier.close()
+    return {"seconds": seconds}
+
+
+def run_floor(args, model_dir: Path) -> dict:
+    import torch
+
+    from nftune.data import format_prompt
+    from nftune.rollout import response_logprobs
+    from nftune.train import load_policy
+
+    model, tokenizer = load_policy(str(model_dir), torch.device("cpu"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    qs = questions()
+    start = time.perf_counter()
+    for r in range(args.rollouts):
+        batch = qs[r * args.prompts:(r + 1) * args.prompts]
+        prompts = [format_prompt(q.problem, "raw") for q in batch for _ in range(args.k)]
+        enc = tokenizer(prompts, add_special_tokens=False, padding=True, padding_side="left",
+                        return_tensors="pt")
+        model.eval()
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=args.new_tokens, do_sample=True,
+                                 temperature=1.0, top_k=0, top_p=1.0,
+                                 pad_token_id=tokenizer.pad_token_id)
+            attn = (out != tokenizer.pad_token_id).long()
+            attn[:, : enc["input_ids"].shape[1]] = enc["attention_mask"]
+            response_logprobs(model, out, attn, enc["input_ids"].shape[1])
+        model.train()
+        for part in torch.arange(len(prompts)).tensor_split(args.minibatches):
+            lp, _ = response_logprobs(model, out[part], attn[part], enc["input_ids"].shape[1])
+            optimizer.zero_grad()
+            lp.mean().backward()
+            optimizer.step()
+    return {"seconds": time.perf_counter() - start}
+
+
+def worker(args) -> None:
+    model = base_model(args.cache)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.worker == "trl":
+            result = run_trl(args, model, Path(tmp))
+        elif args.worker == "floor":
+            result = run_floor(args, model)
+        else:
+            result = run_nftune(args, model, Path(tmp),
+                                "generate" if args.worker == "nftune-genlogp" else "recompute")
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def measure(kind: str, args, minibatches: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--prompts", str(args.prompts), "--k",
+           str(args.k), "--new-tokens", str(args.new_tokens), "--minibatches", str(minibatches),
+           "--rollouts", str(args.rollouts), "--cache", args.cache]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"{kind} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][7:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--minibatches", type=int, default=4)
+    parser.add_argument("--rollouts", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "nftune" / "demo-base"))
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    base_model(args.cache)  # build once, outside the timings
+    answers = args.prompts * args.k * args.rollouts
+    print(f"workload: {args.rollouts} rollouts × {args.prompts} questions × {args.k} answers, "
+          f"≤ {args.new_tokens} new tokens; CPU, torch threads = default")
+    for m in (args.minibatches, 1):
+        kinds = ["nftune", "nftune-genlogp", "trl", "floor"]
+        runs: dict[str, list[dict]] = {k: [] for k in kinds}
+        for _ in range(args.repeats):
+            for kind in kinds:
+                runs[kind].append(measure(kind, args, m))
+        med = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
+        rss = {k: max(r["peak_rss_mb"] for r in v) for k, v in runs.items()}
+        print(f"\nshape M = {m} mini-batch steps per rollout (median of {args.repeats})")
+        for kind in kinds:
+            print(f"  {kind:<15} {answers / med[kind]:7.1f} answers/s  ({med[kind]:6.1f} s, "
+                  f"peak RSS {rss[kind]:,.0f} MB)")
+        print(f"  nftune / TRL answers/s: {med['trl'] / med['nftune']:.2f}x "
+              f"(old log-probs from generation: {med['trl'] / med['nftune-genlogp']:.2f}x)")
+        print(f"  nftune overhead over the compute floor: "
+              f"{100 * (med['nftune'] / med['floor'] - 1):+.0f}% "
+              f"(genlogp: {100 * (med['nftune-genlogp'] / med['floor'] - 1):+.0f}%)")
+        phases = runs["nftune"][0].get("phases", {})
+        if phases:
+            print("  nftune phases (first repeat): " + ", ".join(
+                f"{k.removeprefix('time_').removesuffix('_s')} {v:.1f} s"
+                for k, v in phases.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""`nftune compare` on a tiny model: table, plots, JSON, skipping finished runs, --report."""
+
+import json
+import subprocess
+import sys
+
+import yaml
+
+
+def compare(*args):
+    return subprocess.run([sys.executable, "-m", "nftune.cli", "compare", *args],
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_compare_runs_reports_and_resumes(tiny_base, arithmetic_files, tmp_path):
+    config = tmp_path / "shared.yaml"
+    config.write_text(yaml.safe_dump(dict(
+        model=str(tiny_base), train_data=str(arithmetic_files["train"]), template="raw",
+        steps=2, prompts_per_step=4, answers_per_prompt=4, max_new_tokens=24, lr=1e-3,
+        warmup_steps=1, minibatches=1, save_every=0, verify_workers=1, eval_every=1,
+        eval_data=str(arithmetic_files["test"]), eval_k=2, eval_temperature=1.0,
+        max_gen_batches=2)))
+    out = tmp_path / "cmp"
+    done = compare("--config", str(config), "--algos", "nft,rft", "--seeds", "2",
+                   "--output-dir", str(out), "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    assert set(result["summary"]) == {"nft", "rft"}
+    for s in result["summary"].values():
+        assert s["seeds"] == [0, 1] and len(s["accuracy"]) == 2
+        mean, _ = s["accuracy_mean_std"]
+        assert abs(mean - sum(s["accuracy"]) / 2) < 1e-12
+    table = (out / "results.md").read_text()
+    assert "| base model |" in table and "| nft |" in table and " ± " in table
+    assert (out / "curves.png").stat().st_size > 10_000
+
+    again = compare("--config", str(config), "--algos", "nft,rft", "--seeds", "2",
+                    "--output-dir", str(out), "--no-progress")
+    assert again.returncode == 0 and again.stdout.count("skip ") == 4
+
+    rebuilt = compare("--report", str(out))
+    assert rebuilt.returncode == 0 and "| rft |" in rebuilt.stdout
+
+
+def test_sweep_labels_and_bad_algo(tiny_base, arithmetic_files, tmp_path):
+    from nftune.compare import plan_runs
+
+    runs = plan_runs(["nft"], [0, 1], ("eps", ["0.1", "1.0"]))
+    assert [r["label"] for r in runs] == ["nft eps=0.1"] * 2 + ["nft eps=1.0"] * 2
+    assert runs[0]["overrides"] == {"eps": "0.1"} and runs[1]["dir"] == "nft-eps0.1-seed1"
+    done = compare("--algos", "nft,ppo", "--config", str(tmp_path / "missing.yaml"))
+    assert done.returncode == 2 and "missing.yaml" in done.stderr

@@ -1,0 +1,84 @@
+"""Evaluation: pass@k by hand, the six benchmarks graded on their own golds, a tiny model."""
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nftune.evaluate import EvalResult, format_table, pass_at_k
+
+BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "bench"
+SIX = ["aime24", "aime25", "amc23", "math500", "olympiadbench", "minerva"]
+
+
+def test_pass_at_k_by_hand():
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # 1 − C(3,2)/C(4,2)
+    assert pass_at_k(4, 0, 2) == 0.0 and pass_at_k(4, 3, 2) == 1.0
+    assert pass_at_k(32, 1, 1) == pytest.approx(1 / 32)
+    with pytest.raises(ValueError, match="k"):
+        pass_at_k(2, 1, 3)
+
+
+def test_table_layout_follows_table_1():
+    results = [EvalResult("aime24", 32, 0.25, 0.5, 30), EvalResult("math500", 1, 0.75, 0.75, 500)]
+    table = format_table(results, "m")
+    assert table.splitlines()[0] == "| Model | AIME24 avg@32 | MATH500 | Avg |"
+    assert table.splitlines()[2] == "| m | 25.0 | 75.0 | 50.0 |"
+    assert "AIME24 pass@32 50.0" in table
+
+
+def eval_cli(*args):
+    return subprocess.run([sys.executable, "-m", "nftune.cli", "eval", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.skipif(not BENCH.exists(), reason="../shared/data/bench not present")
+def test_gold_answers_score_100_and_shuffled_answers_near_0(tmp_path):
+    gold_rows, shuffled_rows = [], []
+    for name in SIX:
+        rows = [json.loads(line) for line in (BENCH / f"{name}.jsonl").open()]
+        others = [r["answer"] for r in rows]
+        random.Random(1).shuffle(others)
+        for r, other in zip(rows, others, strict=True):
+            gold_rows.append({"benchmark": name, "id": r["id"],
+                              "response": f"So the answer is \\boxed{{{r['answer']}}}."})
+            shuffled_rows.append({"benchmark": name, "id": r["id"],
+                                  "response": f"\\boxed{{{other}}}"})
+    for rows, label in ((gold_rows, "gold"), (shuffled_rows, "shuffled")):
+        path = tmp_path / f"{label}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        done = eval_cli("--responses", str(path), "--data-dir", str(BENCH), "--template",
+                        "boxed", "--output", str(tmp_path / label))
+        assert done.returncode == 0, done.stderr
+        summary = json.loads((tmp_path / f"{label}.json").read_text())["summary"]
+        assert set(summary) == set(SIX)
+        for name, s in summary.items():
+            if label == "gold":
+                assert s["avg_at_k"] == 1.0, name
+            else:
+                assert s["avg_at_k"] < 0.05, (name, s)
+        assert "| Model |" in done.stdout and "grading:" in done.stdout
+    assert (tmp_path / "gold.md").read_text().count("## ") == 6
+
+
+def test_bad_responses_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"benchmark": "aime24"}\n')
+    done = eval_cli("--responses", str(path))
+    assert done.returncode == 2 and "row 1: missing field 'id'" in done.stderr
+
+
+def test_tiny_model_end_to_end(tiny_base, arithmetic_files, tmp_path):
+    done = eval_cli("--model", str(tiny_base), "--benchmarks", str(arithmetic_files["test"]),
+                    "--template", "raw", "--k", "2", "--max-new-tokens", "24",
+                    "--output", str(tmp_path / "out"), "--verify-workers", "1")
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "out.json").read_text())
+    items = result["items"]["test"]
+    assert len(items) == 16 and all(len(i["responses"]) == 2 for i in items)
+    assert result["summary"]["test"]["avg_at_k"] == pytest.approx(
+        sum(sum(i["correct"]) for i in items) / 32)
+    assert "generation:" in done.stdout and "tokens/s" in done.stdout
