@@ -37,11 +37,13 @@ def eval_cli(*args):
 
 @pytest.mark.skipif(not BENCH.exists(), reason="../shared/data/bench not present")
 def test_gold_answers_score_100_and_shuffled_answers_near_0(tmp_path):
-    gold_rows, shuffled_rows = [], []
+    gold_rows, shuffled_rows, same_text = [], [], {}
     for name in SIX:
         rows = [json.loads(line) for line in (BENCH / f"{name}.jsonl").open()]
-        others = [r["answer"] for r in rows]
-        random.Random(1).shuffle(others)
+        random.Random(1).shuffle(rows)
+        others = [r["answer"] for r in rows[1:] + rows[:1]]  # every item gets another's answer
+        same_text[name] = sum(o.strip() == r["answer"].strip()
+                              for r, o in zip(rows, others, strict=True)) / len(rows)
         for r, other in zip(rows, others, strict=True):
             gold_rows.append({"benchmark": name, "id": r["id"],
                               "response": f"So the answer is \\boxed{{{r['answer']}}}."})
@@ -58,8 +60,8 @@ def test_gold_answers_score_100_and_shuffled_answers_near_0(tmp_path):
         for name, s in summary.items():
             if label == "gold":
                 assert s["avg_at_k"] == 1.0, name
-            else:
-                assert s["avg_at_k"] < 0.05, (name, s)
+            else:  # only answers that are literally the same (e.g. two AIME answers 25) pass
+                assert s["avg_at_k"] <= same_text[name] + 0.01, (name, s)
         assert "| Model |" in done.stdout and "grading:" in done.stdout
     assert (tmp_path / "gold.md").read_text().count("## ") == 6
 

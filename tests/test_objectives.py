@@ -11,8 +11,16 @@ import torch
 
 from nftune.objectives import OBJECTIVES, compute_loss, nft_token_loss
 
-torch.set_default_dtype(torch.float64)
 TOKEN_ALGOS = ["nft", "rft", "grpo", "dr_grpo", "dapo"]
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Every tensor of these tests is float64; restored afterwards for the other test files."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def make_batch(groups=4, k=4, t=6, seed=0, r_hat_values=None, spread=0.3):

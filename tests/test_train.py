@@ -201,3 +201,13 @@ def test_micro_batches_respect_the_token_budget_and_groups():
     assert micro_batches(r, 1000) == [[0, 1, 2, 3, 4, 5]]
     merged = concat_rollouts([r.select([2, 3]), r.select([4, 5])], pad_id=0)
     assert merged.group_ids.tolist() == [0, 0, 1, 1]
+
+
+def test_bf16_autocast_path(tiny_base, arithmetic_files, tmp_path):
+    out = tmp_path / "bf16"
+    train(config(tiny_base, arithmetic_files, out, steps=1, prompts_per_step=8,
+                 max_gen_batches=8, bf16=True), progress=False)
+    row = read_metrics(out / "metrics.jsonl")[0]
+    assert row["optimizer_steps"] > 0 and row["grad_norm"] == row["grad_norm"]  # not NaN
+    weights = load_file(out / "final" / "model.safetensors")
+    assert all(w.dtype == torch.float32 for w in weights.values())  # fp32 master weights

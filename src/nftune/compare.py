@@ -64,6 +64,7 @@ def _eval_key(rows: list[dict[str, Any]]) -> str | None:
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v == v]  # drop NaN (e.g. a step that kept nothing)
     if not values:
         return float("nan"), float("nan")
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
@@ -93,10 +94,12 @@ def build_report(output_dir: str | Path, base_accuracy: float | None = None) -> 
     summary = {}
     for label, members in groups.items():
         acc = [m["final_accuracy"] for m in members]
-        late = [statistics.mean(r["reward_mean"] for r in m["metrics"][-10:]) for m in members]
-        ent = [m["metrics"][-1].get("entropy", float("nan")) - m["metrics"][0].get("entropy",
-                                                                                   float("nan"))
-               for m in members]
+        late = [_mean_std([r["reward_mean"] for r in m["metrics"][-10:]])[0] for m in members]
+        ent = []
+        for m in members:
+            finite = [r["entropy"] for r in m["metrics"] if r.get("entropy") == r.get("entropy")
+                      and "entropy" in r]
+            ent.append(finite[-1] - finite[0] if finite else float("nan"))
         summary[label] = {"seeds": [m["seed"] for m in members], "accuracy": acc,
                           "accuracy_mean_std": _mean_std(acc),
                           "late_reward_mean_std": _mean_std(late),
@@ -193,6 +196,7 @@ def evaluate_base(cfg_dict: dict[str, Any], output_dir: Path) -> float:
     from nftune.train import load_policy, pick_device
     from nftune.verify import Verifier
 
+    output_dir.mkdir(parents=True, exist_ok=True)
     cached = output_dir / "base_eval.json"
     if cached.exists():
         return json.loads(cached.read_text())["accuracy"]

@@ -42,7 +42,7 @@ class DemoSettings:
 
 
 QUICK = DemoSettings(
-    base=BaseSpec(level=1, hidden=48, layers=2, sft_steps=200, train_problems=1000, noise=0.2),
+    base=BaseSpec(level=1, hidden=48, layers=2, sft_steps=200, train_problems=600, noise=0.2),
     train_questions=500, test_questions=48, eval_k=2, steps=4, prompts_per_step=16,
     answers_per_prompt=4, max_new_tokens=24, warmup_steps=1, eval_every=2)
 

@@ -168,7 +168,8 @@ def generate_rollout(model, tokenizer, prompts: list[str], k: int, *, max_new_to
 def recompute_logprobs(model, rollout: Rollout, micro_batch_tokens: int
                        ) -> tuple[Tensor, Tensor]:
     """log π(a_t) and the entropy at every response position, by a no-grad forward."""
-    logprobs = torch.zeros(rollout.response_mask.shape, device=rollout.input_ids.device)
+    logprobs = torch.zeros(rollout.response_mask.shape, dtype=torch.float32,
+                           device=rollout.input_ids.device)
     entropy = torch.zeros_like(logprobs)
     for rows in micro_batches(rollout, micro_batch_tokens):
         part = rollout.select(rows).trimmed()

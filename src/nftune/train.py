@@ -456,6 +456,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         start_step, nan_streak = state["step"], state["nan_streak"]
+        torch.set_rng_state(state["rng"]["torch"])  # sampling is also reseeded every step
+        random.setstate(state["rng"]["python"])
         truncate_metrics(out / "metrics.jsonl", start_step)
         log.info("resumed from %s", checkpoint)
     cfg.save(out / "config.yaml")
@@ -468,7 +470,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     def state_now(step: int) -> dict[str, Any]:
         return {"step": step, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
-                "nan_streak": nan_streak, "config": cfg.to_dict()}
+                "nan_streak": nan_streak, "config": cfg.to_dict(),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
 
     bar = tqdm(range(start_step + 1, cfg.steps + 1), initial=start_step, total=cfg.steps,
                desc=f"{cfg.algo}", disable=not progress, dynamic_ncols=True)
