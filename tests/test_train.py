@@ -18,7 +18,8 @@ from nftune.config import build_config
 from nftune.rollout import Rollout, concat_rollouts, micro_batches
 from nftune.train import TrainingError, overlong_penalty, train
 
-TIMING_KEYS = {"time_generate_s", "time_verify_s", "time_update_s", "tokens_per_s"}
+TIMING_KEYS = {"time_generate_s", "time_verify_s", "time_update_s", "tokens_per_s",
+               "time_step_s"}
 
 
 def config(tiny_base, files, out, **kw):

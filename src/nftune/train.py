@@ -477,6 +477,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                desc=f"{cfg.algo}", disable=not progress, dynamic_ncols=True)
     try:
         for step in bar:
+            step_started = time.perf_counter()
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # sampling depends on (seed, step)
             batch, stats = collect_rollout(model, tokenizer, questions.questions, sampler,
                                            verifier, cfg)
@@ -500,6 +501,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                            1e-9, stats.time_generate_s + stats.time_verify_s + time_update))
             if eval_sets and (step % cfg.eval_every == 0 or step == cfg.steps):
                 row.update(_evaluate(model, tokenizer, eval_sets, verifier, cfg))
+            row["time_step_s"] = time.perf_counter() - step_started
             metrics_log.write(row)
             bar.set_postfix(reward=f"{stats.reward_mean:.3f}", entropy=f"{float(entropy):.3f}")
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
