@@ -1,7 +1,7 @@
 """nftune's trainer against TRL's GRPOTrainer on the same paper-shaped workload, in one run.
 
 Usage: python benchmarks/vs_trl.py [--prompts 32] [--k 8] [--new-tokens 48] [--minibatches 4]
-                                   [--rollouts 3] [--repeats 3] [--cache DIR]
+                                   [--rollouts 3] [--repeats 3] [--device cpu|cuda]
 
 Workload: one rollout of P questions × K answers (at most `--new-tokens` tokens), then M
 mini-batch optimizer steps on it; repeated `--rollouts` times. Both trainers run the GRPO
@@ -11,8 +11,9 @@ task some of the time), the same questions and nftune's verifier as the reward. 
 `per_device_train_batch_size = P·K/M`, `steps_per_generation = M`, `num_generations = K`.
 Each measurement runs in its own process (peak RSS is that process's); runs alternate
 nftune / TRL / floor and the median of the repeats is reported, plus the on-policy shape
-M = 1. The compute floor is generate + one no-grad forward + M forward/backward passes over
-the same tokens, with no verification or bookkeeping.
+M = 1. The compute floor is generate + one no-grad forward + M forward/backward passes (one
+per mini-batch, each trimmed to its own longest answer) over the same questions, with no
+verification or bookkeeping; nftune's overhead is measured against it.
 
 Needs `pip install -e ".[bench]"` (trl is a benchmark-only dependency).
 """
@@ -57,7 +58,7 @@ def run_nftune(args, model: Path, workdir: Path, old_logprobs: str) -> dict:
         prompts_per_step=args.prompts, answers_per_prompt=args.k,
         max_new_tokens=args.new_tokens, minibatches=args.minibatches, lr=1e-6,
         warmup_steps=0, gen_batch_size=args.prompts * args.k, save_every=0,
-        verify_workers=2, old_logprobs=old_logprobs, device="cpu"))
+        verify_workers=2, old_logprobs=old_logprobs, device=args.device))
     start = time.perf_counter()
     train(cfg, progress=False)
     whole = time.perf_counter() - start
@@ -79,6 +80,7 @@ def run_trl(args, model_dir: Path, workdir: Path) -> dict:
     from nftune.verify import Verifier
 
     verifier = Verifier(workers=2, strategy="auto")
+    verifier.start_in_background()  # as nftune's trainer does
 
     def reward(completions, answer, **_):
         return [float(v) for v in verifier.verify(completions, answer)]
@@ -95,7 +97,8 @@ def run_trl(args, model_dir: Path, workdir: Path) -> dict:
         num_generations=args.k, max_completion_length=args.new_tokens, temperature=1.0,
         top_p=1.0, top_k=0, beta=0.0, loss_type="dapo", epsilon=0.2, epsilon_high=0.28,
         learning_rate=1e-6, max_steps=args.rollouts * args.minibatches, num_iterations=1,
-        report_to="none", save_strategy="no", logging_steps=10**6, use_cpu=True,
+        report_to="none", save_strategy="no", logging_steps=10**6,
+        use_cpu=args.device == "cpu",
         bf16=False, seed=0, disable_tqdm=True, dataloader_num_workers=0)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config,
                           train_dataset=dataset, processing_class=tokenizer)
@@ -106,36 +109,56 @@ def run_trl(args, model_dir: Path, workdir: Path) -> dict:
     return {"seconds": seconds}
 
 
+def _trim(input_ids, attention_mask, response_mask, prompt_len: int):
+    """Drop columns that are padding in every row (left of the prompts, right of the longest
+    response): the least any trainer must feed the model for these answers."""
+    lead = int((attention_mask[:, :prompt_len].sum(0) == 0).sum())
+    end = prompt_len + max(1, int(response_mask.sum(1).max()))
+    return (input_ids[:, lead:end], attention_mask[:, lead:end],
+            response_mask[:, : end - prompt_len], prompt_len - lead)
+
+
 def run_floor(args, model_dir: Path) -> dict:
+    """generate + one no-grad forward + M forward/backward passes (one per mini-batch, each
+    trimmed to its longest answer) — no verification, no bookkeeping."""
     import torch
 
     from nftune.data import format_prompt
     from nftune.rollout import response_logprobs
     from nftune.train import load_policy
 
-    model, tokenizer = load_policy(str(model_dir), torch.device("cpu"))
+    device = torch.device(args.device)
+    model, tokenizer = load_policy(str(model_dir), device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     qs = questions()
+    eos = tokenizer.eos_token_id
     start = time.perf_counter()
     for r in range(args.rollouts):
         batch = qs[r * args.prompts:(r + 1) * args.prompts]
         prompts = [format_prompt(q.problem, "raw") for q in batch for _ in range(args.k)]
         enc = tokenizer(prompts, add_special_tokens=False, padding=True, padding_side="left",
-                        return_tensors="pt")
+                        return_tensors="pt").to(device)
+        width = enc["input_ids"].shape[1]
         model.eval()
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=args.new_tokens, do_sample=True,
                                  temperature=1.0, top_k=0, top_p=1.0,
                                  pad_token_id=tokenizer.pad_token_id)
-            attn = (out != tokenizer.pad_token_id).long()
-            attn[:, : enc["input_ids"].shape[1]] = enc["attention_mask"]
-            response_logprobs(model, out, attn, enc["input_ids"].shape[1])
+            # response tokens up to and including the first EOS
+            is_eos = (out[:, width:] == eos).long()
+            response_mask = (is_eos.cumsum(1) - is_eos == 0).long()
+            attn = torch.cat([enc["attention_mask"], response_mask], 1)
+            ids, am, rm, plen = _trim(out, attn, response_mask, width)
+            response_logprobs(model, ids, am, plen)
         model.train()
         for part in torch.arange(len(prompts)).tensor_split(args.minibatches):
-            lp, _ = response_logprobs(model, out[part], attn[part], enc["input_ids"].shape[1])
+            ids, am, rm, plen = _trim(out[part], attn[part], response_mask[part], width)
+            lp, _ = response_logprobs(model, ids, am, plen)
             optimizer.zero_grad()
-            lp.mean().backward()
+            ((lp * rm).sum() / rm.sum()).backward()
             optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return {"seconds": time.perf_counter() - start}
 
 
@@ -150,13 +173,25 @@ def worker(args) -> None:
             result = run_nftune(args, model, Path(tmp),
                                 "generate" if args.worker == "nftune-genlogp" else "recompute")
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.device.startswith("cuda"):
+        import torch
+
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps(result))
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    return f"CPU, {torch.get_num_threads()} torch threads"
 
 
 def measure(kind: str, args, minibatches: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--prompts", str(args.prompts), "--k",
            str(args.k), "--new-tokens", str(args.new_tokens), "--minibatches", str(minibatches),
-           "--rollouts", str(args.rollouts), "--cache", args.cache]
+           "--rollouts", str(args.rollouts), "--cache", args.cache, "--device", args.device]
     done = subprocess.run(cmd, capture_output=True, text=True)
     lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if done.returncode or not lines:
@@ -173,6 +208,7 @@ def main() -> None:
     parser.add_argument("--rollouts", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "nftune" / "demo-base"))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (same for all three)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -181,7 +217,7 @@ def main() -> None:
     base_model(args.cache)  # build once, outside the timings
     answers = args.prompts * args.k * args.rollouts
     print(f"workload: {args.rollouts} rollouts × {args.prompts} questions × {args.k} answers, "
-          f"≤ {args.new_tokens} new tokens; CPU, torch threads = default")
+          f"≤ {args.new_tokens} new tokens; device {device_name(args.device)}")
     for m in (args.minibatches, 1):
         kinds = ["nftune", "nftune-genlogp", "trl", "floor"]
         runs: dict[str, list[dict]] = {k: [] for k in kinds}
@@ -190,10 +226,12 @@ def main() -> None:
                 runs[kind].append(measure(kind, args, m))
         med = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
         rss = {k: max(r["peak_rss_mb"] for r in v) for k, v in runs.items()}
+        gpu = {k: max(r.get("peak_gpu_mb", 0.0) for r in v) for k, v in runs.items()}
         print(f"\nshape M = {m} mini-batch steps per rollout (median of {args.repeats})")
         for kind in kinds:
             print(f"  {kind:<15} {answers / med[kind]:7.1f} answers/s  ({med[kind]:6.1f} s, "
-                  f"peak RSS {rss[kind]:,.0f} MB)")
+                  f"peak RSS {rss[kind]:,.0f} MB"
+                  + (f", peak GPU {gpu[kind]:,.0f} MB" if gpu[kind] else "") + ")")
         print(f"  nftune / TRL answers/s: {med['trl'] / med['nftune']:.2f}x "
               f"(old log-probs from generation: {med['trl'] / med['nftune-genlogp']:.2f}x)")
         print(f"  nftune overhead over the compute floor: "

@@ -366,32 +366,39 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     checkpoint = latest_checkpoint(out) if resume else None
     if resume and checkpoint is None:
         log.warning("--resume: no checkpoint in %s; starting from the beginning", out)
-    model, tokenizer = load_policy(str(checkpoint) if checkpoint else cfg.model, device)
-    questions = load_questions(cfg.train_data, data_dir=cfg.data_dir, limit=cfg.train_limit)
-    eval_sets = {}
-    if cfg.eval_every and cfg.eval_data:
-        for name in cfg.eval_data.split(","):
-            qs = load_questions(name.strip(), data_dir=cfg.data_dir, limit=cfg.eval_limit)
-            eval_sets[Path(name.strip()).stem] = qs.questions
-    sampler = PromptSampler(len(questions), cfg.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2))
-    scheduler = make_scheduler(optimizer, cfg)
-    start_step, nan_streak = 0, 0
-    if checkpoint is not None:
-        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        start_step, nan_streak = state["step"], state["nan_streak"]
-        torch.set_rng_state(state["rng"]["torch"])  # sampling is also reseeded every step
-        random.setstate(state["rng"]["python"])
-        truncate_metrics(out / "metrics.jsonl", start_step)
-        log.info("resumed from %s", checkpoint)
-    cfg.save(out / "config.yaml")
-    metrics_log = MetricsLog(out / "metrics.jsonl", cfg.report_to, cfg.to_dict())
     verifier = Verifier(cfg.verify_workers, cfg.verify_timeout_s,
                         strategy=strategy_for(cfg.template))
+    verifier.start_in_background()  # its warm-up overlaps loading the model and data
+    try:
+        model, tokenizer = load_policy(str(checkpoint) if checkpoint else cfg.model, device)
+        questions = load_questions(cfg.train_data, data_dir=cfg.data_dir, limit=cfg.train_limit)
+        eval_sets = {}
+        if cfg.eval_every and cfg.eval_data:
+            for name in cfg.eval_data.split(","):
+                qs = load_questions(name.strip(), data_dir=cfg.data_dir, limit=cfg.eval_limit)
+                eval_sets[Path(name.strip()).stem] = qs.questions
+        sampler = PromptSampler(len(questions), cfg.seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      betas=(cfg.adam_beta1, cfg.adam_beta2))
+        scheduler = make_scheduler(optimizer, cfg)
+        start_step, nan_streak = 0, 0
+        if checkpoint is not None:
+            state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            sampler.load_state_dict(state["sampler"])
+            start_step, nan_streak = state["step"], state["nan_streak"]
+            torch.set_rng_state(state["rng"]["torch"])  # sampling is also reseeded every step
+            random.setstate(state["rng"]["python"])
+            truncate_metrics(out / "metrics.jsonl", start_step)
+            log.info("resumed from %s", checkpoint)
+    except BaseException:
+        verifier.close()
+        handler.close()
+        log.removeHandler(handler)
+        raise
+    cfg.save(out / "config.yaml")
+    metrics_log = MetricsLog(out / "metrics.jsonl", cfg.report_to, cfg.to_dict())
     log.info("training %s with %s on %d questions (%s), device %s", cfg.model, cfg.algo,
              len(questions), questions.origin, device)
 

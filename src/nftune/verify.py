@@ -15,6 +15,7 @@ import logging
 import multiprocessing as mp
 import os
 import re
+import threading
 import time
 from collections.abc import Sequence
 from fractions import Fraction
@@ -233,6 +234,16 @@ class Verifier:
         self.restarts = 0
         self._pool: list[_Worker] = []
         self._ctx = None
+        self._starting: threading.Thread | None = None
+
+    def start_in_background(self) -> None:
+        """Start the worker pool now, in a thread, so that the fork server's math-verify
+        warm-up (seconds on a cold machine) overlaps the caller's own set-up instead of
+        landing in the first ``verify`` call that needs math-verify."""
+        if self.workers and self._starting is None and not self._pool:
+            self._starting = threading.Thread(target=self._start, daemon=True,
+                                              name="nftune-verifier-start")
+            self._starting.start()
 
     def _start(self) -> None:
         if self._ctx is None:
@@ -241,7 +252,13 @@ class Verifier:
         while len(self._pool) < self.workers:
             self._pool.append(_Worker(self._ctx, self.memory_mb, self.timeout_s))
 
+    def _wait_started(self) -> None:
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
+
     def close(self) -> None:
+        self._wait_started()
         for w in self._pool:
             try:
                 w.conn.send(None)
@@ -287,6 +304,7 @@ class Verifier:
         return verdicts
 
     def _run_pool(self, items: list[tuple[int, str, str]], verdicts: list[bool]) -> None:
+        self._wait_started()
         self._start()
         size = max(1, min(self.chunk_size, -(-len(items) // (8 * len(self._pool)))))
         queue = [items[i: i + size] for i in range(0, len(items), size)]
