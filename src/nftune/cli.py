@@ -60,6 +60,22 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verl_data(args: argparse.Namespace) -> int:
+    """verl's train/val parquet files from nftune's loaders (with nftune's cleaning)."""
+    from nftune.integrations.verl_data import prepare_verl_data
+
+    val = [v.strip() for v in args.val.split(",") if v.strip()] if args.val else []
+    result = prepare_verl_data(args.train, val, args.output_dir, template=args.template,
+                               val_template=args.val_template, data_dir=args.data_dir,
+                               train_limit=args.train_limit)
+    print(f"train: {result['train']['rows']} questions from {result['train']['origin']} "
+          f"-> {result['train']['file']}")
+    if "val" in result:
+        print(f"val: {result['val']['rows']} questions ({', '.join(val)}) -> "
+              f"{result['val']['file']}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     """Algorithm 1 on the configured model and data."""
     from nftune.config import build_config, parse_overrides
@@ -333,6 +349,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default="dapo", help="prompt template for the samples")
     p.add_argument("--seed", type=int, default=0, help="which samples to show")
     p.set_defaults(func=cmd_data_inspect)
+
+    p = sub.add_parser("verl-data", help="write verl's train/val parquet from nftune's loaders")
+    p.add_argument("--train", default="dapo17k", help="training set (default dapo17k)")
+    p.add_argument("--val", default="aime24", help="comma-separated validation sets "
+                                                    "(default aime24; empty for none)")
+    p.add_argument("--template", default="dapo", help="training prompt template: dapo | boxed "
+                                                      "| raw (default dapo)")
+    p.add_argument("--val-template", default=None,
+                   help="validation template (default: nftune eval's per benchmark)")
+    p.add_argument("--output-dir", default="data/verl")
+    p.add_argument("--data-dir", default=None,
+                   help="directory holding <name>.jsonl files (default: $NFTUNE_DATA_DIR; "
+                        "else the hub)")
+    p.add_argument("--train-limit", type=int, default=None, help="first N questions only")
+    p.set_defaults(func=cmd_verl_data)
     return parser
 
 

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# NFT with verl, the paper's 7B recipe. Single node:   bash run_nft_qwen2.5_math_7b.sh
+# Several nodes (see docs/scale.md): start Ray on every node first, then on the head node
+#   NNODES=4 GPUS_PER_NODE=8 bash run_nft_qwen2.5_math_7b.sh
+# Extra arguments are Hydra overrides, e.g. actor_rollout_ref.actor.policy_loss.nft_eps=0.5
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+export NFTUNE_VERL_DATA="${NFTUNE_VERL_DATA:-$PWD/data/verl}"
+
+# 1. data: DAPO-Math-17k (cleaned by nftune) + the six benchmarks, in verl's parquet schema
+if [ ! -f "$NFTUNE_VERL_DATA/train.parquet" ]; then
+  nftune verl-data --train dapo17k \
+      --val aime24,aime25,amc23,math500,olympiadbench,minerva \
+      --template dapo --output-dir "$NFTUNE_VERL_DATA"
+fi
+
+# 2. train: verl's standard entry point; `import verl` loads nftune's plugin on every worker
+python3 -m verl.trainer.main_ppo \
+    --config-path "$HERE" --config-name nft_qwen2.5_math_7b \
+    trainer.nnodes="${NNODES:-1}" trainer.n_gpus_per_node="${GPUS_PER_NODE:-8}" \
+    "$@"

@@ -1,0 +1,282 @@
+"""nftune inside verl: plugin registration, loss equivalence through verl's own worker loss,
+and data verl's dataset class loads. Runs on CPU with verl installed (the test extra)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nftune.objectives import compute_loss
+
+verl = pytest.importorskip("verl", reason="the test extra installs verl")
+
+
+def registries_in_fresh_process(plugins: str) -> dict:
+    code = ("import json, verl\n"
+            "from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY as P, "
+            "ADV_ESTIMATOR_REGISTRY as A\n"
+            "print(json.dumps({'losses': {k: v.__module__ for k, v in P.items()}, "
+            "'estimators': {k: v.__module__ for k, v in A.items()}}))")
+    env = {**os.environ, "VERL_USE_EXTERNAL_PLUGINS": plugins}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_importing_verl_registers_nft_and_rft_through_the_entry_point():
+    found = registries_in_fresh_process("auto")
+    assert found["losses"]["nft"] == "nftune.integrations.verl"
+    assert found["losses"]["rft"] == "nftune.integrations.verl"
+    assert found["estimators"]["nft"] == "nftune.integrations.verl"
+    # and it is the entry point that does it: with plugins off, nothing of ours is there
+    off = registries_in_fresh_process("none")
+    assert "nft" not in off["losses"] and "rft" not in off["losses"]
+    assert "vanilla" in off["losses"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss equivalence: verl's worker loss (ppo_loss → our registered loss → agg_loss) over ranks and
+# micro-batches against nftune's compute_loss on the whole mini-batch
+# ---------------------------------------------------------------------------------------------
+
+
+def make_batch(seed: int, questions: int = 5, k: int = 4, prompt_width: int = 5,
+               response_width: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    b = questions * k
+    prompt_lens = torch.randint(2, prompt_width + 1, (b,), generator=g)
+    resp_lens = torch.randint(1, response_width + 1, (b,), generator=g)
+    cols_p = torch.arange(prompt_width)[None, :]
+    cols_r = torch.arange(response_width)[None, :]
+    prompt_mask = (cols_p >= prompt_width - prompt_lens[:, None]).long()  # left-padded
+    response_mask = (cols_r < resp_lens[:, None]).long()
+    # outcome rewards in verl's layout: the score on the last response token, ±1 like
+    # verl's math_dapo scorer; question 0 all right and question 1 all wrong (no signal)
+    right = torch.rand(b, generator=g) < 0.5
+    right[:k] = True
+    right[k:2 * k] = False
+    rewards = torch.zeros(b, response_width, dtype=torch.float64)
+    rewards[torch.arange(b), resp_lens - 1] = torch.where(right, 1.0, -1.0).double()
+    old = -torch.rand(b, response_width, generator=g, dtype=torch.float64) * 3
+    new = (old + 0.3 * torch.randn(b, response_width, generator=g, dtype=torch.float64))
+    return dict(prompt_mask=prompt_mask, response_mask=response_mask, rewards=rewards,
+                old=old, new=new, uid=[f"q{i // k}" for i in range(b)], right=right, k=k)
+
+
+def by_hand_outcome(batch):
+    """r ∈ {0, 1} and each group's mean, computed without nftune."""
+    right = batch["right"].tolist()
+    uid = batch["uid"]
+    r = torch.tensor([1.0 if x else 0.0 for x in right], dtype=torch.float64)
+    means = {u: sum(r[i].item() for i in range(len(uid)) if uid[i] == u) /
+             uid.count(u) for u in set(uid)}
+    return r, torch.tensor([means[u] for u in uid], dtype=torch.float64)
+
+
+def verl_worker_loss(config, batch, logprobs, rows, dp_size, batch_num_tokens, global_batch):
+    """One micro-batch through verl's own worker loss, laid out as verl's FSDP engine does
+    (log-probs flattened over prompt + response tokens, no padding)."""
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.losses import ppo_loss
+
+    pm, rm = batch["prompt_mask"][rows], batch["response_mask"][rows]
+    pieces = []
+    for i, row in enumerate(rows.tolist()):
+        p_len, r_len = int(pm[i].sum()), int(rm[i].sum())
+        # position t of the flat sequence holds log π(token t+1): the response's j-th token
+        # log-prob sits at p_len − 1 + j
+        pieces += [torch.zeros(p_len - 1, dtype=logprobs.dtype), logprobs[row, :r_len],
+                   torch.zeros(1, dtype=logprobs.dtype)]
+    flat = torch.cat(pieces)
+    data = TensorDict({
+        "prompts": torch.ones_like(pm), "responses": torch.ones_like(rm),
+        "attention_mask": torch.cat([pm, rm], 1), "response_mask": rm,
+        "old_log_probs": batch["old"][rows], "advantages": batch["advantages"][rows],
+    }, batch_size=[len(rows)])
+    tu.assign_non_tensor(data, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
+                         global_batch_size=global_batch)
+    loss, _ = ppo_loss(config, {"log_probs": flat}, data)
+    return loss
+
+
+def actor_config(loss_mode: str, weight: str | None, eps: float):
+    from omegaconf import OmegaConf
+    from verl.utils.config import omega_conf_to_dataclass
+
+    # the same Hydra path as `actor_rollout_ref.actor.policy_loss._target_=...`
+    return omega_conf_to_dataclass(OmegaConf.create({
+        "_target_": "verl.workers.config.FSDPActorConfig", "strategy": "fsdp", "rollout_n": 4,
+        "use_dynamic_bsz": True, "loss_agg_mode": "token-mean",
+        "policy_loss": {"_target_": "nftune.integrations.verl.NFTPolicyLossConfig",
+                        "loss_mode": loss_mode, "nft_eps": eps, "nft_weight": weight}}))
+
+
+CASES = [("nft", w, e) for w in ("one", "dr_grpo", "grpo") for e in (0.01, 0.5, 1.0)] + \
+        [("rft", w, 1.0) for w in ("one", "dr_grpo", "grpo")]
+
+
+@pytest.mark.parametrize("loss_mode,weight,eps", CASES)
+def test_verl_loss_matches_compute_loss_across_ranks_and_micro_batches(loss_mode, weight, eps):
+    import numpy as np
+    from verl.trainer.ppo.core_algos import get_adv_estimator_fn
+
+    batch = make_batch(seed=CASES.index((loss_mode, weight, eps)))
+    mask = batch["response_mask"]
+    estimator = get_adv_estimator_fn("nft")
+    batch["advantages"], _ = estimator(token_level_rewards=batch["rewards"],
+                                       response_mask=mask, index=np.array(batch["uid"]),
+                                       config=None)
+    # reference: nftune's compute_loss on the whole mini-batch, token-mean over it
+    r, r_hat = by_hand_outcome(batch)
+    ref_lp = batch["new"].clone().requires_grad_(True)
+    hparams = {"weight": weight, **({"eps": eps} if loss_mode == "nft" else {})}
+    ref_loss, _ = compute_loss(loss_mode, ref_lp, batch["old"], mask.double(), r, r_hat,
+                               num_tokens=mask.sum(), **hparams)
+    ref_loss.backward()
+
+    # verl: 3 data-parallel ranks (uneven), each accumulating over its micro-batches; the
+    # all-reduce averages the ranks' gradients
+    config = actor_config(loss_mode, weight, eps)
+    lp = batch["new"].clone().requires_grad_(True)
+    rows = torch.randperm(len(mask), generator=torch.Generator().manual_seed(1))
+    ranks = [rows[:6], rows[6:13], rows[13:]]
+    total = torch.zeros((), dtype=torch.float64)
+    for rank_rows in ranks:
+        for micro in rank_rows.tensor_split(3):
+            total = total + verl_worker_loss(config, batch, lp, micro, dp_size=len(ranks),
+                                             batch_num_tokens=int(mask.sum()),
+                                             global_batch=len(mask))
+    total = total / len(ranks)
+    total.backward()
+    assert ref_lp.grad.abs().max().item() > 1e-3  # a real signal, not 0 == 0
+    assert abs(total.item() - ref_loss.item()) < 1e-6
+    assert torch.allclose(lp.grad, ref_lp.grad, atol=1e-6, rtol=0)
+    # the uninformative groups (all right, all wrong) get exactly no gradient
+    assert lp.grad[: 2 * batch["k"]].abs().max().item() == 0.0
+
+
+def test_advantage_encoding_by_hand():
+    import numpy as np
+
+    from nftune.integrations.verl import compute_nft_outcome, decode_outcome
+
+    # two questions × 3 answers; 0/1 rewards on the last token
+    rewards = torch.zeros(6, 4)
+    rewards[0, 3] = rewards[1, 1] = rewards[5, 2] = 1.0
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0],
+                         [1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 0]])
+    adv, returns = compute_nft_outcome(rewards, mask, index=np.array(["a"] * 3 + ["b"] * 3))
+    # r̂_a = 2/3, r̂_b = 1/3; A = (2r − 1)(1 + r̂)
+    expected = torch.tensor([5 / 3, 5 / 3, -5 / 3, -4 / 3, -4 / 3, 4 / 3])
+    assert torch.allclose(adv, expected[:, None] * mask, atol=1e-6)
+    assert torch.equal(adv, returns)
+    correct, r_hat = decode_outcome(adv, mask)
+    assert correct.tolist() == [1, 1, 0, 0, 0, 1]
+    assert torch.allclose(r_hat, torch.tensor([2 / 3] * 3 + [1 / 3] * 3), atol=1e-6)
+
+
+def test_other_estimators_advantages_are_refused_with_a_clear_error():
+    from nftune.integrations.verl import nft_policy_loss
+
+    mask = torch.ones(2, 3)
+    grpo_like = torch.tensor([[0.7] * 3, [-0.7] * 3])  # a GRPO advantage, not our encoding
+    with pytest.raises(ValueError, match="adv_estimator=nft"):
+        nft_policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), grpo_like, mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and reward
+# ---------------------------------------------------------------------------------------------
+
+
+def test_verl_data_loads_in_verls_dataset_class(arithmetic_files, tmp_path):
+    from omegaconf import OmegaConf
+    from transformers import PreTrainedTokenizerFast
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    from nftune.cli import main
+    from nftune.tasks.tiny_model import char_tokenizer
+
+    out = tmp_path / "verl"
+    assert main(["verl-data", "--train", str(arithmetic_files["train"]), "--val",
+                 str(arithmetic_files["test"]), "--template", "raw",
+                 "--output-dir", str(out)]) == 0
+    tok_dir = tmp_path / "tok"
+    char_tokenizer().save_pretrained(tok_dir)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    rows = [json.loads(x) for x in arithmetic_files["train"].read_text().splitlines()]
+    dataset = RLHFDataset(data_files=[str(out / "train.parquet")], tokenizer=tokenizer,
+                          config=OmegaConf.create({"max_prompt_length": 512,
+                                                   "filter_overlong_prompts": True,
+                                                   "cache_dir": str(tmp_path / "cache")}))
+    assert len(dataset) == len(rows)
+    item = dataset[3]
+    assert item["raw_prompt"] == [{"role": "user", "content": rows[3]["problem"]}]
+    assert item["reward_model"] == {"style": "rule", "ground_truth": rows[3]["answer"]}
+    assert item["extra_info"]["strategy"] == "auto"  # the raw template's
+    assert item["data_source"] == "train"
+    val = RLHFDataset(data_files=[str(out / "val.parquet")], tokenizer=tokenizer,
+                      config=OmegaConf.create({"filter_overlong_prompts": False,
+                                               "cache_dir": str(tmp_path / "cache")}))
+    assert len(val) == 16
+
+
+def test_reward_is_nftunes_verifier():
+    from nftune.integrations.verl import compute_score
+
+    info = {"strategy": "answer_line"}
+    assert compute_score("dapo17k", "so 2 + 2\nAnswer: 4", "4", info) == {"score": 1.0,
+                                                                          "acc": True}
+    assert compute_score("dapo17k", "Answer: 5", "4", info)["score"] == 0.0
+    # math-verify for non-literal equality, in a worker process
+    assert compute_score("math500", r"so \boxed{\frac{1}{2}}", "0.5",
+                         {"strategy": "boxed"})["acc"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# The example recipe composes and validates against verl's own config
+# ---------------------------------------------------------------------------------------------
+
+
+def test_example_recipe_is_a_valid_verl_config(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from verl.trainer.ppo.core_algos import get_adv_estimator_fn, get_policy_loss_fn
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import omega_conf_to_dataclass, validate_config
+    from verl.utils.import_utils import load_extern_object
+
+    from nftune.integrations import verl as plugin
+
+    monkeypatch.setenv("NFTUNE_VERL_DATA", str(tmp_path))
+    examples = Path(__file__).resolve().parents[1] / "examples" / "verl"
+    with initialize_config_dir(config_dir=str(examples), version_base=None):
+        cfg = compose(config_name="nft_qwen2.5_math_7b", overrides=["trainer.nnodes=4"])
+    validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg),
+                    use_critic=need_critic(cfg))
+    assert not need_reference_policy(cfg) and not need_critic(cfg)  # no KL, no critic
+    # the paper's 7B settings
+    actor = cfg.actor_rollout_ref.actor
+    assert cfg.data.train_batch_size == 512 and cfg.actor_rollout_ref.rollout.n == 16
+    assert cfg.data.train_batch_size // actor.ppo_mini_batch_size == 16
+    assert actor.optim.lr == 1e-6 and actor.optim.lr_warmup_steps > 0
+    assert not actor.use_kl_loss and not cfg.algorithm.use_kl_in_reward
+    assert actor.entropy_coeff == 0 and cfg.data.max_response_length == 4096
+    assert cfg.data.train_files == f"{tmp_path}/train.parquet"
+    # what verl's workers and driver will instantiate and look up
+    actor_cfg = omega_conf_to_dataclass(actor)
+    assert isinstance(actor_cfg.policy_loss, plugin.NFTPolicyLossConfig)
+    assert (actor_cfg.policy_loss.nft_eps, actor_cfg.policy_loss.nft_weight) == (1.0, "dr_grpo")
+    assert get_policy_loss_fn(actor_cfg.policy_loss.loss_mode) is plugin.nft_policy_loss
+    algo = omega_conf_to_dataclass(cfg.algorithm)
+    assert get_adv_estimator_fn(algo.adv_estimator) is plugin.compute_nft_outcome
+    assert algo.filter_groups.enable and algo.filter_groups.metric == "acc"
+    reward = cfg.reward.custom_reward_function
+    assert load_extern_object(reward.path, reward.name) is plugin.compute_score
