@@ -146,8 +146,11 @@ def generate_rollout(model, tokenizer, prompts: list[str], k: int, *, max_new_to
     prompt_attn = torch.tensor([[0] * (width_p - len(r)) + [1] * len(r) for r in rows],
                                device=device)
     response = torch.where(response_mask.bool(), response, pad_id)
-    texts = tokenizer.batch_decode([r[m.bool()] for r, m in zip(response, response_mask,
-                                                                 strict=True)],
+    # one device-to-host copy, then plain lists (row-by-row indexing of device tensors costs a
+    # transfer per answer); the mask is a prefix, so each answer is its first n tokens
+    lengths = response_mask.sum(1).tolist()
+    texts = tokenizer.batch_decode([row[:n] for row, n in zip(response.tolist(), lengths,
+                                                              strict=True)],
                                    skip_special_tokens=True)
     rollout = Rollout(
         input_ids=torch.cat([prompt_ids, response], 1),
