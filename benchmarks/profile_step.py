@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--old-logprobs", default="recompute", choices=["recompute", "generate"])
+    parser.add_argument("--micro-batch-tokens", type=int, default=16384)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "nftune" / "demo-base"))
     args = parser.parse_args()
@@ -90,7 +91,8 @@ def main() -> None:
         output_dir=str(tmp / "run"), prompts_per_step=args.prompts, answers_per_prompt=args.k,
         max_new_tokens=args.new_tokens, minibatches=args.minibatches, lr=1e-6, warmup_steps=0,
         gen_batch_size=args.prompts * args.k, verify_workers=2,
-        old_logprobs=args.old_logprobs, device=args.device))
+        old_logprobs=args.old_logprobs, micro_batch_tokens=args.micro_batch_tokens,
+        device=args.device))
     cfg.resolve()
     device = T.pick_device(cfg.device)
     model, tokenizer = T.load_policy(cfg.model, device)
