@@ -12,6 +12,7 @@ One model is ever in memory: π_old exists only as the recorded log-probs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -366,10 +367,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     checkpoint = latest_checkpoint(out) if resume else None
     if resume and checkpoint is None:
         log.warning("--resume: no checkpoint in %s; starting from the beginning", out)
-    verifier = Verifier(cfg.verify_workers, cfg.verify_timeout_s,
-                        strategy=strategy_for(cfg.template))
-    verifier.start_in_background()  # its warm-up overlaps loading the model and data
+    # everything opened below is closed in reverse order however the run ends
+    cleanup = contextlib.ExitStack()
+    cleanup.callback(handler.close)
+    cleanup.callback(log.removeHandler, handler)
     try:
+        verifier = cleanup.enter_context(Verifier(cfg.verify_workers, cfg.verify_timeout_s,
+                                                  strategy=strategy_for(cfg.template)))
+        verifier.start_in_background()  # its warm-up overlaps loading the model and data
         model, tokenizer = load_policy(str(checkpoint) if checkpoint else cfg.model, device)
         questions = load_questions(cfg.train_data, data_dir=cfg.data_dir, limit=cfg.train_limit)
         eval_sets = {}
@@ -392,25 +397,21 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             random.setstate(state["rng"]["python"])
             truncate_metrics(out / "metrics.jsonl", start_step)
             log.info("resumed from %s", checkpoint)
-    except BaseException:
-        verifier.close()
-        handler.close()
-        log.removeHandler(handler)
-        raise
-    cfg.save(out / "config.yaml")
-    metrics_log = MetricsLog(out / "metrics.jsonl", cfg.report_to, cfg.to_dict())
-    log.info("training %s with %s on %d questions (%s), device %s", cfg.model, cfg.algo,
-             len(questions), questions.origin, device)
+        cfg.save(out / "config.yaml")
+        metrics_log = MetricsLog(out / "metrics.jsonl", cfg.report_to, cfg.to_dict())
+        cleanup.callback(metrics_log.close)
+        log.info("training %s with %s on %d questions (%s), device %s", cfg.model, cfg.algo,
+                 len(questions), questions.origin, device)
 
-    def state_now(step: int) -> dict[str, Any]:
-        return {"step": step, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
-                "nan_streak": nan_streak, "config": cfg.to_dict(),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+        def state_now(step: int) -> dict[str, Any]:
+            return {"step": step, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
+                    "nan_streak": nan_streak, "config": cfg.to_dict(),
+                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
 
-    bar = tqdm(range(start_step + 1, cfg.steps + 1), initial=start_step, total=cfg.steps,
-               desc=f"{cfg.algo}", disable=not progress, dynamic_ncols=True)
-    try:
+        bar = tqdm(range(start_step + 1, cfg.steps + 1), initial=start_step, total=cfg.steps,
+                   desc=f"{cfg.algo}", disable=not progress, dynamic_ncols=True)
+        cleanup.callback(bar.close)
         for step in bar:
             step_started = time.perf_counter()
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # sampling depends on (seed, step)
@@ -445,9 +446,5 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 prune_checkpoints(out, cfg.keep_checkpoints)
         save_checkpoint(out / "final", model, tokenizer, state_now(cfg.steps))
     finally:
-        bar.close()
-        metrics_log.close()
-        verifier.close()
-        log.removeHandler(handler)
-        handler.close()
+        cleanup.close()
     return out / "final"

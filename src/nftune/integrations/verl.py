@@ -120,12 +120,13 @@ def compute_nft_outcome(token_level_rewards: Tensor, response_mask: Tensor,
 
 
 def _hparams(config: Any, loss_mode: str) -> tuple[str, float]:
-    policy_loss = getattr(config, "policy_loss", None) if config is not None else None
-    get = (policy_loss.get if hasattr(policy_loss, "get") else
-           (lambda key, default=None: getattr(policy_loss, key, default)))
-    weight = (get("nft_weight", None) if policy_loss is not None else None) or \
-        DEFAULT_WEIGHT[loss_mode]
-    eps = float(get("nft_eps", 1.0) if policy_loss is not None else 1.0)
+    """(ω name, ε) from ``config.policy_loss`` (verl's config classes and DictConfig both have
+    ``get``); the paper's defaults where it does not set them."""
+    policy_loss = getattr(config, "policy_loss", None)
+    settings = policy_loss if policy_loss is not None else {}
+    weight = settings.get("nft_weight", None) or DEFAULT_WEIGHT[loss_mode]
+    eps = settings.get("nft_eps", None)
+    eps = 1.0 if eps is None else float(eps)
     if weight not in PROMPT_WEIGHTS:
         raise ValueError(f"policy_loss.nft_weight: unknown {weight!r}; valid: "
                          f"{sorted(PROMPT_WEIGHTS)}")
