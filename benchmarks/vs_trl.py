@@ -1,7 +1,7 @@
 """nftune's trainer against TRL's GRPOTrainer on the same paper-shaped workload, in one run.
 
 Usage: python benchmarks/vs_trl.py [--prompts 32] [--k 8] [--new-tokens 48] [--minibatches 4]
-                                   [--rollouts 3] [--repeats 3] [--device cpu|cuda]
+                                   [--rollouts 4] [--repeats 3] [--device cpu|cuda]
 
 Workload: one rollout of P questions × K answers (at most `--new-tokens` tokens), then M
 mini-batch optimizer steps on it; repeated `--rollouts` times. Both trainers run the GRPO
@@ -13,7 +13,9 @@ Each measurement runs in its own process (peak RSS is that process's); runs alte
 nftune / TRL / floor and the median of the repeats is reported, plus the on-policy shape
 M = 1. The compute floor is generate + one no-grad forward + M forward/backward passes (one
 per mini-batch, each trimmed to its own longest answer) over the same questions, with no
-verification or bookkeeping; nftune's overhead is measured against it.
+verification or bookkeeping; nftune's overhead is measured against it. Each figure is given
+twice: over all rollouts, and over rollouts 2..N — the first pays one-off warm-up (on a GPU:
+CUDA context, cuBLAS handles, kernel selection), so the second is the steady-state rate.
 
 Needs `pip install -e ".[bench]"` (trl is a benchmark-only dependency).
 """
@@ -69,12 +71,15 @@ def run_nftune(args, model: Path, workdir: Path, old_logprobs: str) -> dict:
     # the training loop's own wall time, like TRL's trainer.train(): model loading, verifier
     # start-up and the final checkpoint (outside TRL's timer too) are reported apart
     seconds = sum(r["time_step_s"] for r in rows)
-    return {"seconds": seconds, "phases": phases, "setup_and_save_s": whole - seconds}
+    return {"seconds": seconds, "steady_seconds": seconds - rows[0]["time_step_s"],
+            "mean_length": statistics.mean(r["response_length"] for r in rows),
+            "phases": phases, "setup_and_save_s": whole - seconds}
 
 
 def run_trl(args, model_dir: Path, workdir: Path) -> dict:
     import datasets
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    import torch
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from nftune.verify import Verifier
@@ -97,16 +102,33 @@ def run_trl(args, model_dir: Path, workdir: Path) -> dict:
         num_generations=args.k, max_completion_length=args.new_tokens, temperature=1.0,
         top_p=1.0, top_k=0, beta=0.0, loss_type="dapo", epsilon=0.2, epsilon_high=0.28,
         learning_rate=1e-6, max_steps=args.rollouts * args.minibatches, num_iterations=1,
-        report_to="none", save_strategy="no", logging_steps=10**6,
+        report_to="none", save_strategy="no", logging_steps=1,  # logs carry answer lengths
         use_cpu=args.device == "cpu",
         bf16=False, seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    marks: dict[str, float] = {}
+
+    class FirstRolloutDone(TrainerCallback):
+        """Time stamp at the end of the first rollout's M optimizer steps."""
+
+        def on_step_end(self, args_, state, control, **kwargs):
+            if state.global_step == args.minibatches:
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                marks["first"] = time.perf_counter()
+
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config,
-                          train_dataset=dataset, processing_class=tokenizer)
+                          train_dataset=dataset, processing_class=tokenizer,
+                          callbacks=[FirstRolloutDone()])
     start = time.perf_counter()
     trainer.train()
-    seconds = time.perf_counter() - start
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    end = time.perf_counter()
     verifier.close()
-    return {"seconds": seconds}
+    lengths = [x["completions/mean_length"] for x in trainer.state.log_history
+               if "completions/mean_length" in x]
+    return {"seconds": end - start, "steady_seconds": end - marks.get("first", start),
+            "mean_length": statistics.mean(lengths) if lengths else float("nan")}
 
 
 def _trim(input_ids, attention_mask, response_mask, prompt_len: int):
@@ -125,16 +147,26 @@ def run_floor(args, model_dir: Path) -> dict:
 
     from nftune.data import format_prompt
     from nftune.rollout import response_logprobs
-    from nftune.train import load_policy
+    from nftune.train import PromptSampler, load_policy
 
     device = torch.device(args.device)
     model, tokenizer = load_policy(str(model_dir), device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     qs = questions()
     eos = tokenizer.eos_token_id
+    # the questions and sampling seeds nftune's trainer uses (seed 0, step r + 1), so both
+    # generate the same answers and the comparison is not decided by answer lengths
+    sampler = PromptSampler(len(qs), 0)
+    lengths = []
     start = time.perf_counter()
+    first_done = start
     for r in range(args.rollouts):
-        batch = qs[r * args.prompts:(r + 1) * args.prompts]
+        if r == 1:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            first_done = time.perf_counter()
+        torch.manual_seed(r + 1)
+        batch = [qs[i] for i in sampler.take(args.prompts)]
         prompts = [format_prompt(q.problem, "raw") for q in batch for _ in range(args.k)]
         enc = tokenizer(prompts, add_special_tokens=False, padding=True, padding_side="left",
                         return_tensors="pt").to(device)
@@ -142,12 +174,13 @@ def run_floor(args, model_dir: Path) -> dict:
         model.eval()
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=args.new_tokens, do_sample=True,
-                                 temperature=1.0, top_k=0, top_p=1.0,
+                                 temperature=1.0, top_k=0, top_p=1.0, eos_token_id=eos,
                                  pad_token_id=tokenizer.pad_token_id)
             # response tokens up to and including the first EOS
             is_eos = (out[:, width:] == eos).long()
             response_mask = (is_eos.cumsum(1) - is_eos == 0).long()
             attn = torch.cat([enc["attention_mask"], response_mask], 1)
+            lengths.append(response_mask.sum(1))
             ids, am, rm, plen = _trim(out, attn, response_mask, width)
             response_logprobs(model, ids, am, plen)
         model.train()
@@ -159,7 +192,9 @@ def run_floor(args, model_dir: Path) -> dict:
             optimizer.step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return {"seconds": time.perf_counter() - start}
+    end = time.perf_counter()
+    return {"seconds": end - start, "steady_seconds": end - first_done,
+            "mean_length": torch.cat(lengths).float().mean().item()}
 
 
 def worker(args) -> None:
@@ -205,7 +240,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--minibatches", type=int, default=4)
-    parser.add_argument("--rollouts", type=int, default=3)
+    parser.add_argument("--rollouts", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "nftune" / "demo-base"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda (same for all three)")
@@ -214,6 +249,8 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    if args.rollouts < 2:
+        parser.error("--rollouts: at least 2 (the first rollout's warm-up is also reported apart)")
     base_model(args.cache)  # build once, outside the timings
     answers = args.prompts * args.k * args.rollouts
     print(f"workload: {args.rollouts} rollouts × {args.prompts} questions × {args.k} answers, "
@@ -225,18 +262,23 @@ def main() -> None:
             for kind in kinds:
                 runs[kind].append(measure(kind, args, m))
         med = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
+        steady = {k: statistics.median(r["steady_seconds"] for r in v) for k, v in runs.items()}
         rss = {k: max(r["peak_rss_mb"] for r in v) for k, v in runs.items()}
         gpu = {k: max(r.get("peak_gpu_mb", 0.0) for r in v) for k, v in runs.items()}
-        print(f"\nshape M = {m} mini-batch steps per rollout (median of {args.repeats})")
+        later = answers - args.prompts * args.k  # answers of rollouts 2..N
+        print(f"\nshape M = {m} mini-batch steps per rollout (median of {args.repeats}); "
+              f"answers/s over all {args.rollouts} rollouts | over rollouts 2..{args.rollouts}")
         for kind in kinds:
-            print(f"  {kind:<15} {answers / med[kind]:7.1f} answers/s  ({med[kind]:6.1f} s, "
+            print(f"  {kind:<15} {answers / med[kind]:7.1f} | {later / steady[kind]:7.1f} "
+                  f"answers/s  ({med[kind]:6.1f} s, mean answer "
+                  f"{statistics.mean(r['mean_length'] for r in runs[kind]):4.1f} tokens, "
                   f"peak RSS {rss[kind]:,.0f} MB"
                   + (f", peak GPU {gpu[kind]:,.0f} MB" if gpu[kind] else "") + ")")
-        print(f"  nftune / TRL answers/s: {med['trl'] / med['nftune']:.2f}x "
-              f"(old log-probs from generation: {med['trl'] / med['nftune-genlogp']:.2f}x)")
-        print(f"  nftune overhead over the compute floor: "
-              f"{100 * (med['nftune'] / med['floor'] - 1):+.0f}% "
-              f"(genlogp: {100 * (med['nftune-genlogp'] / med['floor'] - 1):+.0f}%)")
+        for label, t in (("all rollouts", med), (f"rollouts 2..{args.rollouts}", steady)):
+            print(f"  {label}: nftune / TRL answers/s {t['trl'] / t['nftune']:.2f}x "
+                  f"(old log-probs from generation: {t['trl'] / t['nftune-genlogp']:.2f}x); "
+                  f"overhead over the compute floor {100 * (t['nftune'] / t['floor'] - 1):+.0f}% "
+                  f"(genlogp: {100 * (t['nftune-genlogp'] / t['floor'] - 1):+.0f}%)")
         phases = runs["nftune"][0].get("phases", {})
         if phases:
             print("  nftune phases (first repeat): " + ", ".join(
