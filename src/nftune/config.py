@@ -47,9 +47,10 @@ class TrainConfig:
     top_p: float = _f(1.0, "Nucleus sampling of rollouts (1.0 = off).")
     top_k: int = _f(0, "Top-k of rollouts (0 = off; generate's own default would be 50).")
     gen_batch_size: int = _f(64, "Answers per generate call.")
-    old_logprobs: str = _f("recompute", "Where π_old's per-token log-probs come from: "
-                                        "recompute (a no-grad forward) | generate (the "
-                                        "sampling step's logits; exact at temperature 1).")
+    old_logprobs: str = _f("generate", "Where π_old's per-token log-probs come from: "
+                                       "generate (recorded from the sampling steps' own "
+                                       "logits, no extra pass) | recompute (a no-grad "
+                                       "forward over the rollout).")
     dynamic_sampling: bool | None = _f(None, "Keep only questions with 0 < r̂ < 1 and "
                                              "generate more until the batch is full "
                                              "(default: on for nft, rft, dapo, infonca; off "

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 Tensor = torch.Tensor
 
@@ -92,6 +93,40 @@ def response_logprobs(model, input_ids: Tensor, attention_mask: Tensor, prompt_l
     return logprobs, entropy
 
 
+class LogprobRecorder(LogitsProcessor):
+    """Records log π(a_t) and the entropy of π at every generated position, from the logits
+    ``generate`` computes anyway, holding one step's log-softmax (B, V) at a time.
+
+    Custom processors run before the sampling warpers (temperature, top-k, top-p), so the
+    scores seen here are the model's own logits and the log-probs are those of π itself —
+    the quantity a no-grad forward over the finished rollout recomputes. The token sampled
+    at step t is only known at step t + 1 (as the last column of ``input_ids``); the last
+    one is read in :meth:`finish`.
+    """
+
+    def __init__(self) -> None:
+        self.previous: Tensor | None = None
+        self.logprobs: list[Tensor] = []
+        self.entropy: list[Tensor] = []
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.previous is not None:
+            self.logprobs.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        logp = torch.log_softmax(scores.float(), dim=-1)
+        self.entropy.append(-(logp.exp() * logp).sum(-1))
+        self.previous = logp
+        return scores
+
+    def finish(self, sequences: Tensor) -> tuple[Tensor, Tensor]:
+        """(log-probs, entropy), each (B, R) for the R generated columns of ``sequences``."""
+        if self.previous is None:
+            empty = sequences.new_zeros((sequences.shape[0], 0), dtype=torch.float32)
+            return empty, empty
+        self.logprobs.append(self.previous.gather(-1, sequences[:, -1:]).squeeze(-1))
+        self.previous = None
+        return torch.stack(self.logprobs, 1), torch.stack(self.entropy, 1)
+
+
 @torch.no_grad()
 def generate_rollout(model, tokenizer, prompts: list[str], k: int, *, max_new_tokens: int,
                      temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
@@ -105,8 +140,13 @@ def generate_rollout(model, tokenizer, prompts: list[str], k: int, *, max_new_to
             ``generate`` otherwise applies); temperature 0 means greedy.
         batch_size: answers per ``generate`` call.
         logprobs_from: ``"recompute"`` (one no-grad forward over the rollout, exactly the
-            training forward), ``"generate"`` (from the sampling step's own logits, saving that
-            forward; exact only at temperature 1), or None (skip; e.g. evaluation).
+            training forward), ``"generate"`` (recorded from the logits of the sampling steps
+            by :class:`LogprobRecorder`, saving that forward; the same quantity up to float
+            rounding, at any temperature), or None (skip; e.g. evaluation).
+
+    Sampling uses the given temperature, top-p and top-k only: a repetition penalty or n-gram
+    ban in the model's ``generation_config`` is switched off, since it would sample from a
+    policy other than the π the objectives take the log-probs of.
     """
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
@@ -120,22 +160,21 @@ def generate_rollout(model, tokenizer, prompts: list[str], k: int, *, max_new_to
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
     if temperature <= 0:
         sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    sampling.update(repetition_penalty=1.0, no_repeat_ngram_size=0)
     for start in range(0, len(rows), batch_size):
         part = rows[start: start + batch_size]
         p = max(len(r) for r in part)
         ids = torch.tensor([[pad_id] * (p - len(r)) + r for r in part], device=device)
         attn = torch.tensor([[0] * (p - len(r)) + [1] * len(r) for r in part], device=device)
-        out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
-                             eos_token_id=eos_id, pad_token_id=pad_id,
-                             return_dict_in_generate=True,
-                             output_logits=logprobs_from == "generate", **sampling)
-        chunks.append(out.sequences[:, p:])
-        if logprobs_from == "generate":
-            logits = torch.stack(out.logits, dim=1).float()  # (b, R, V), before any warping
-            logp_all = torch.log_softmax(logits, -1)
-            chunk_logprobs.append(torch.stack([
-                logp_all.gather(-1, out.sequences[:, p:].unsqueeze(-1)).squeeze(-1),
-                -(logp_all.exp() * logp_all).sum(-1)]))
+        recorder = LogprobRecorder() if logprobs_from == "generate" else None
+        sequences = model.generate(
+            input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
+            eos_token_id=eos_id, pad_token_id=pad_id, return_dict_in_generate=True,
+            logits_processor=LogitsProcessorList([recorder]) if recorder else None,
+            **sampling).sequences
+        chunks.append(sequences[:, p:])
+        if recorder is not None:
+            chunk_logprobs.append(torch.stack(recorder.finish(sequences[:, p:])))
     width_r = max(c.shape[1] for c in chunks)
     response = torch.cat([torch.nn.functional.pad(c, (0, width_r - c.shape[1]), value=pad_id)
                           for c in chunks])

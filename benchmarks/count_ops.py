@@ -1,0 +1,163 @@
+"""Operator launches and host syncs of one nftune step, against the compute floor's.
+
+Usage: python benchmarks/count_ops.py [--algo grpo] [--prompts 32] [--k 8] [--new-tokens 48]
+                                      [--minibatches 4] [--warmup 1] [--steps 2]
+
+On a GPU a small model's step is bound by how many kernels the host launches and how often it
+waits for the device, not by arithmetic — and both can be counted on a CPU, exactly and
+without timing noise. Every ATen operator that reaches the backend (forward, backward and
+optimizer, below autograd) is counted with a ``TorchDispatchMode``; host syncs are the
+``.item()``/``bool()``/``int()`` reads (``aten._local_scalar_dense``) and ``.tolist()`` calls.
+nftune's step is counted phase by phase (``collect_rollout`` then ``update_policy``, as
+``nftune train`` runs them), then the floor's passes on the same rollout: one no-grad forward
+over the batch and, per mini-batch (trimmed to its longest answer), forward, token-mean loss,
+backward and an AdamW step. On CPU, AdamW runs its per-parameter loop and reads each step
+count with ``.item()``; CUDA's default (foreach) does neither, so those syncs are listed apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from vs_trl import base_model, questions  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--algo", default="grpo")
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--minibatches", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "nftune" / "demo-base"))
+    args = parser.parse_args()
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import nftune.train as T
+    from nftune.config import build_config
+    from nftune.data import strategy_for
+    from nftune.rollout import response_logprobs
+    from nftune.verify import Verifier
+
+    class Counting(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.phase = "other"
+            self.ops: Counter[str] = Counter()
+            self.syncs: Counter[str] = Counter()
+            self.optimizer_syncs: Counter[str] = Counter()
+            self.in_optimizer = False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[self.phase] += 1
+            if func is torch.ops.aten._local_scalar_dense.default:
+                (self.optimizer_syncs if self.in_optimizer else self.syncs)[self.phase] += 1
+            return func(*args, **(kwargs or {}))
+
+    mode = Counting()
+
+    def in_phase(name: str, fn, optimizer: bool = False):
+        def wrapped(*a, **kw):
+            before, mode.phase = mode.phase, name
+            mode.in_optimizer = optimizer
+            try:
+                return fn(*a, **kw)
+            finally:
+                mode.phase, mode.in_optimizer = before, False
+        return wrapped
+
+    model_dir = base_model(args.cache)
+    tmp = Path(tempfile.mkdtemp())
+    data = tmp / "train.jsonl"
+    data.write_text("".join(json.dumps(q.__dict__) + "\n" for q in questions()))
+    cfg = build_config(None, dict(
+        model=str(model_dir), train_data=str(data), template="raw", algo=args.algo,
+        output_dir=str(tmp / "run"), prompts_per_step=args.prompts, answers_per_prompt=args.k,
+        max_new_tokens=args.new_tokens, minibatches=args.minibatches, lr=1e-6, warmup_steps=0,
+        gen_batch_size=args.prompts * args.k, verify_workers=2, device="cpu"))
+    cfg.resolve()
+    model, tokenizer = T.load_policy(cfg.model, torch.device("cpu"))
+    qs = T.load_questions(cfg.train_data).questions
+    sampler = T.PromptSampler(len(qs), cfg.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    floor_optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    scheduler = T.make_scheduler(optimizer, cfg)
+    verifier = Verifier(cfg.verify_workers, cfg.verify_timeout_s,
+                        strategy=strategy_for(cfg.template))
+
+    model.generate = in_phase("generate", model.generate)
+    T.recompute_logprobs = in_phase("old log-probs", T.recompute_logprobs)
+    verifier.verify = in_phase("verify", verifier.verify)
+    optimizer.step = in_phase("update", optimizer.step, optimizer=True)
+    floor_optimizer.step = in_phase("floor", floor_optimizer.step, optimizer=True)
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(self):
+        mode.syncs[mode.phase] += 1
+        return tolist(self)
+
+    def floor_passes(batch) -> None:
+        with torch.no_grad():
+            whole = batch.trimmed()
+            response_logprobs(model, whole.input_ids, whole.attention_mask, whole.prompt_len)
+        for part in torch.arange(len(batch)).tensor_split(args.minibatches):
+            mb = batch.select(part).trimmed()
+            logprobs, _ = response_logprobs(model, mb.input_ids, mb.attention_mask,
+                                            mb.prompt_len)
+            floor_optimizer.zero_grad()
+            ((logprobs * mb.response_mask).sum() / mb.response_mask.sum()).backward()
+            floor_optimizer.step()
+
+    torch.Tensor.tolist = counted_tolist
+    try:
+        for step in range(1, args.warmup + args.steps + 1):
+            if step == args.warmup + 1:
+                for counter in (mode.ops, mode.syncs, mode.optimizer_syncs):
+                    counter.clear()
+            torch.manual_seed(step)
+            with mode:
+                mode.phase = "rollout (rest)"
+                batch, _ = T.collect_rollout(model, tokenizer, qs, sampler, verifier, cfg)
+                mode.phase = "update"
+                T.update_policy(model, optimizer, scheduler, batch, cfg, 0)
+                mode.phase = "floor"
+                floor_passes(batch)
+    finally:
+        torch.Tensor.tolist = tolist
+        verifier.close()
+
+    n = args.steps
+    print(f"{cfg.algo}, {args.prompts} questions × {args.k} answers, ≤ {args.new_tokens} new "
+          f"tokens, {args.minibatches} mini-batches; per step, mean of {n} after {args.warmup} "
+          "warm-up")
+    print(f"  {'phase':<28} {'ATen ops':>9} {'host syncs':>11} {'+ optimizer .item()':>20}")
+    phases = ["generate", "rollout (rest)", "verify", "old log-probs", "update"]
+    for name in phases + ["floor"]:
+        if name == "floor":
+            print("  " + "-" * 70)
+        print(f"  {name:<28} {mode.ops[name] / n:9.0f} {mode.syncs[name] / n:11.0f} "
+              f"{mode.optimizer_syncs[name] / n:20.0f}")
+    ours = sum(mode.ops[p] for p in phases if p != "generate")
+    ours_syncs = sum(mode.syncs[p] for p in phases if p != "generate")
+    extra = 100 * (ours / mode.ops["floor"] - 1)
+    print(f"  nftune outside generate: {ours / n:.0f} ops ({extra:+.0f}% over the floor's "
+          f"passes), {ours_syncs / n:.0f} host syncs (floor "
+          f"{mode.syncs['floor'] / n:.0f}), not counting the optimizer's")
+    gen = mode.ops["generate"]
+    print(f"  whole step, generate included: {(ours + gen) / n:.0f} vs "
+          f"{(mode.ops['floor'] + gen) / n:.0f} ops "
+          f"({100 * ((ours + gen) / (mode.ops['floor'] + gen) - 1):+.1f}%)")
+
+
+if __name__ == "__main__":
+    main()

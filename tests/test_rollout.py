@@ -1,0 +1,69 @@
+"""Rollout: old log-probs recorded during generation against a forward over each answer alone."""
+
+import pytest
+import torch
+
+from nftune.data import format_prompt
+from nftune.rollout import generate_rollout
+from nftune.tasks.arithmetic import make_questions
+from nftune.train import load_policy
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_base):
+    model, tokenizer = load_policy(str(tiny_base), torch.device("cpu"))
+    model.eval()
+    return model, tokenizer
+
+
+def by_hand(model, tokenizer, prompt: str, response: list[int]) -> tuple[torch.Tensor, ...]:
+    """log π and entropy at each response token, from one unpadded forward over this answer."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] + response
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+    logp = torch.log_softmax(logits[len(ids) - len(response) - 1:-1], -1)
+    token_logp = logp[torch.arange(len(response)), torch.tensor(response)]
+    return token_logp, -(logp.exp() * logp).sum(-1)
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0, top_p=1.0, top_k=0),
+                                      dict(temperature=0.7, top_p=0.9, top_k=5)])
+def test_logprobs_from_generation_equal_a_forward_over_each_answer(policy, sampling):
+    model, tokenizer = policy
+    prompts = [format_prompt(q.problem, "raw") for q in make_questions(6, "test", 1, 1)]
+    torch.manual_seed(0)
+    rollout = generate_rollout(model, tokenizer, prompts, 3, max_new_tokens=40,
+                               batch_size=8, logprobs_from="generate", **sampling)
+    lengths = rollout.response_lengths.tolist()
+    assert len(set(lengths)) > 1  # uneven answers: rows padded after their EOS
+    for row, n in enumerate(lengths):
+        response = rollout.input_ids[row, rollout.prompt_len:rollout.prompt_len + n].tolist()
+        logp, entropy = by_hand(model, tokenizer, prompts[row // 3], response)
+        # π itself, not the tempered / truncated sampling distribution
+        torch.testing.assert_close(rollout.old_logprobs[row, :n].double(), logp,
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(rollout.entropy[row, :n].double(), entropy,
+                                   atol=1e-5, rtol=0)
+        assert not rollout.old_logprobs[row, n:].any() and not rollout.entropy[row, n:].any()
+
+
+def test_both_sources_agree_and_a_repetition_penalty_is_not_applied(policy):
+    model, tokenizer = policy
+    prompts = [format_prompt(q.problem, "raw") for q in make_questions(4, "test", 1, 1)]
+    runs = {}
+    model.generation_config.repetition_penalty = 5.0  # as some hub configs ship
+    try:
+        for source in ("generate", "recompute"):
+            torch.manual_seed(1)
+            runs[source] = generate_rollout(model, tokenizer, prompts, 4, max_new_tokens=16,
+                                            logprobs_from=source)
+    finally:
+        model.generation_config.repetition_penalty = 1.0
+    torch.manual_seed(1)
+    plain = generate_rollout(model, tokenizer, prompts, 4, max_new_tokens=16,
+                             logprobs_from=None)
+    assert runs["generate"].texts == runs["recompute"].texts == plain.texts
+    torch.testing.assert_close(runs["generate"].old_logprobs, runs["recompute"].old_logprobs,
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(runs["generate"].entropy, runs["recompute"].entropy,
+                               atol=1e-5, rtol=0)
