@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/count_ops.py [--algo grpo] [--prompts 32] [--k 8] [--new-tokens 48]
                                       [--minibatches 4] [--warmup 1] [--steps 2]
+                                      [--old-logprobs generate|recompute]
 
 On a GPU a small model's step is bound by how many kernels the host launches and how often it
 waits for the device, not by arithmetic — and both can be counted on a CPU, exactly and
@@ -21,6 +22,7 @@ import argparse
 import json
 import sys
 import tempfile
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -37,6 +39,7 @@ def main() -> None:
     parser.add_argument("--minibatches", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--old-logprobs", default="generate", choices=["generate", "recompute"])
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "nftune" / "demo-base"))
     args = parser.parse_args()
 
@@ -84,7 +87,8 @@ def main() -> None:
         model=str(model_dir), train_data=str(data), template="raw", algo=args.algo,
         output_dir=str(tmp / "run"), prompts_per_step=args.prompts, answers_per_prompt=args.k,
         max_new_tokens=args.new_tokens, minibatches=args.minibatches, lr=1e-6, warmup_steps=0,
-        gen_batch_size=args.prompts * args.k, verify_workers=2, device="cpu"))
+        gen_batch_size=args.prompts * args.k, verify_workers=2, device="cpu",
+        old_logprobs=args.old_logprobs))
     cfg.resolve()
     model, tokenizer = T.load_policy(cfg.model, torch.device("cpu"))
     qs = T.load_questions(cfg.train_data).questions
@@ -118,6 +122,7 @@ def main() -> None:
             ((logprobs * mb.response_mask).sum() / mb.response_mask.sum()).backward()
             floor_optimizer.step()
 
+    warnings.filterwarnings("ignore", message="Seems like `optimizer.step\\(\\)` has been")
     torch.Tensor.tolist = counted_tolist
     try:
         for step in range(1, args.warmup + args.steps + 1):
@@ -138,8 +143,8 @@ def main() -> None:
 
     n = args.steps
     print(f"{cfg.algo}, {args.prompts} questions × {args.k} answers, ≤ {args.new_tokens} new "
-          f"tokens, {args.minibatches} mini-batches; per step, mean of {n} after {args.warmup} "
-          "warm-up")
+          f"tokens, {args.minibatches} mini-batches, old log-probs: {args.old_logprobs}; per "
+          f"step, mean of {n} after {args.warmup} warm-up")
     print(f"  {'phase':<28} {'ATen ops':>9} {'host syncs':>11} {'+ optimizer .item()':>20}")
     phases = ["generate", "rollout (rest)", "verify", "old log-probs", "update"]
     for name in phases + ["floor"]:

@@ -3,19 +3,22 @@
 Usage: python benchmarks/vs_trl.py [--prompts 32] [--k 8] [--new-tokens 48] [--minibatches 4]
                                    [--rollouts 4] [--repeats 3] [--device cpu|cuda]
 
-Workload: one rollout of P questions × K answers (at most `--new-tokens` tokens), then M
-mini-batch optimizer steps on it; repeated `--rollouts` times. Both trainers run the GRPO
-objective with DAPO's clip-higher (0.2 / 0.28), token-level loss, no KL (β = 0), temperature
-1, no top-k, the same model (the demo's base model: a tiny Qwen2 that answers the arithmetic
-task some of the time), the same questions and nftune's verifier as the reward. TRL:
+Workload: one rollout of P questions × K answers (at most `--new-tokens` tokens), then M mini-
+batch optimizer steps on it; repeated `--rollouts` times. Both trainers run the GRPO objective
+with DAPO's clip-higher (0.2 / 0.28), token-level loss, no KL (β = 0), temperature 1, no top-k,
+the same model (the demo's base model: a tiny Qwen2 that answers the arithmetic task some of
+the time), the same questions and nftune's verifier as the reward. TRL:
 `per_device_train_batch_size = P·K/M`, `steps_per_generation = M`, `num_generations = K`.
-Each measurement runs in its own process (peak RSS is that process's); runs alternate
-nftune / TRL / floor and the median of the repeats is reported, plus the on-policy shape
-M = 1. The compute floor is generate + one no-grad forward + M forward/backward passes (one
-per mini-batch, each trimmed to its own longest answer) over the same questions, with no
-verification or bookkeeping; nftune's overhead is measured against it. Each figure is given
-twice: over all rollouts, and over rollouts 2..N — the first pays one-off warm-up (on a GPU:
-CUDA context, cuBLAS handles, kernel selection), so the second is the steady-state rate.
+nftune runs with its defaults (old log-probs recorded during generation) and once more with
+`old_logprobs: recompute`. The floor samples the same questions with the same seeds as nftune,
+so both generate the same answers. Each measurement runs in its own process (peak RSS is that
+process's); runs alternate nftune / nftune-recompute / TRL / floor and the median of the
+repeats is reported, plus the on-policy shape M = 1. The compute floor is generate + one no-
+grad forward + M forward/backward passes (one per mini-batch, each trimmed to its own longest
+answer) over the same questions, with no verification or bookkeeping; nftune's overhead is
+measured against it. Each figure is given twice: over all rollouts, and over rollouts 2..N —
+the first pays one-off warm-up (on a GPU: CUDA context, cuBLAS handles, kernel selection), so
+the second is the steady-state rate.
 
 Needs `pip install -e ".[bench]"` (trl is a benchmark-only dependency).
 """
@@ -206,7 +209,7 @@ def worker(args) -> None:
             result = run_floor(args, model)
         else:
             result = run_nftune(args, model, Path(tmp),
-                                "generate" if args.worker == "nftune-genlogp" else "recompute")
+                                "recompute" if args.worker == "nftune-recompute" else "generate")
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.device.startswith("cuda"):
         import torch
@@ -256,7 +259,7 @@ def main() -> None:
     print(f"workload: {args.rollouts} rollouts × {args.prompts} questions × {args.k} answers, "
           f"≤ {args.new_tokens} new tokens; device {device_name(args.device)}")
     for m in (args.minibatches, 1):
-        kinds = ["nftune", "nftune-genlogp", "trl", "floor"]
+        kinds = ["nftune", "nftune-recompute", "trl", "floor"]
         runs: dict[str, list[dict]] = {k: [] for k in kinds}
         for _ in range(args.repeats):
             for kind in kinds:
@@ -276,9 +279,9 @@ def main() -> None:
                   + (f", peak GPU {gpu[kind]:,.0f} MB" if gpu[kind] else "") + ")")
         for label, t in (("all rollouts", med), (f"rollouts 2..{args.rollouts}", steady)):
             print(f"  {label}: nftune / TRL answers/s {t['trl'] / t['nftune']:.2f}x "
-                  f"(old log-probs from generation: {t['trl'] / t['nftune-genlogp']:.2f}x); "
+                  f"(old_logprobs recompute: {t['trl'] / t['nftune-recompute']:.2f}x); "
                   f"overhead over the compute floor {100 * (t['nftune'] / t['floor'] - 1):+.0f}% "
-                  f"(genlogp: {100 * (t['nftune-genlogp'] / t['floor'] - 1):+.0f}%)")
+                  f"(recompute: {100 * (t['nftune-recompute'] / t['floor'] - 1):+.0f}%)")
         phases = runs["nftune"][0].get("phases", {})
         if phases:
             print("  nftune phases (first repeat): " + ", ".join(
