@@ -7,7 +7,9 @@ A randomly initialised one-layer Qwen2 with the given vocabulary samples ``--row
 exactly ``--new-tokens`` tokens (no EOS), four ways, each in its own process: plain
 ``generate`` (the baseline), generate with :class:`nftune.rollout.LogprobRecorder`, generate
 with ``output_logits=True`` followed by one log-softmax over the stacked logits (how nftune
-did it before), and generate followed by a no-grad forward (``recompute``). Prints each
+did it before), and generate followed by a no-grad forward (``recompute``); then the update's
+forward + backward over answers of that length, with nftune's ``token_logprobs`` (``update``)
+and with a full log-softmax then a gather (``update_log_softmax``, the former formula). Prints each
 process's peak RSS and its excess over plain generate, with the size the stored logits must
 take (rows × new tokens × vocab × 4 bytes).
 """
@@ -37,6 +39,19 @@ def run(method: str, vocab: int, rows: int, new_tokens: int) -> dict:
     sampling = dict(do_sample=True, top_k=0, max_new_tokens=new_tokens, eos_token_id=None,
                     pad_token_id=0, return_dict_in_generate=True)
     start = time.perf_counter()
+    if method.startswith("update"):  # forward + backward over given answers, no generation
+        ids = torch.cat([prompts, torch.randint(0, vocab, (rows, new_tokens))], 1)
+        model.train()
+        if method == "update":
+            logprobs, _ = response_logprobs(model, ids, torch.ones_like(ids), 8)
+        else:  # the former formula: a full (B, R, V) log-softmax, then the gather
+            logits = model(input_ids=ids, logits_to_keep=new_tokens + 1).logits[:, :-1].float()
+            logp = torch.log_softmax(logits, -1)
+            logprobs = logp.gather(-1, ids[:, 8:, None]).squeeze(-1)
+            del logits, logp
+        logprobs.mean().backward()
+        return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "seconds": time.perf_counter() - start, "columns": new_tokens}
     with torch.no_grad():
         if method == "recorder":
             recorder = LogprobRecorder()
@@ -70,7 +85,8 @@ def main() -> None:
     print(f"vocab {args.vocab}, {args.rows} answers × {args.new_tokens} new tokens; stored "
           f"logits would take {args.rows * args.new_tokens * args.vocab * 4 / 2**20:,.0f} MB")
     base = None
-    for method in ("plain", "recorder", "output_logits", "recompute"):
+    for method in ("plain", "recorder", "output_logits", "recompute", "update",
+                   "update_log_softmax"):
         done = subprocess.run([sys.executable, __file__, "--worker", method, "--vocab",
                                str(args.vocab), "--rows", str(args.rows), "--new-tokens",
                                str(args.new_tokens)], capture_output=True, text=True)
@@ -81,7 +97,7 @@ def main() -> None:
         r = json.loads(lines[-1][7:])
         base = r["peak_rss_mb"] if base is None else base
         print(f"  {method:<14} peak RSS {r['peak_rss_mb']:8,.0f} MB  "
-              f"(+{r['peak_rss_mb'] - base:7,.0f} MB over plain generate), "
+              f"({r['peak_rss_mb'] - base:+7,.0f} MB over plain generate), "
               f"{r['seconds']:5.1f} s, {r['columns']} columns")
 
 

@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/profile_step.py [--algo grpo] [--prompts 32] [--k 8] [--new-tokens 48]
                                          [--minibatches 4] [--warmup 2] [--steps 3]
-                                         [--old-logprobs recompute|generate] [--device cpu]
+                                         [--old-logprobs generate|recompute] [--device cpu]
 
 Runs the trainer's own stages (``collect_rollout`` then ``update_policy``, as ``nftune train``
 does) on the vs-TRL workload — the demo's base model and arithmetic questions — with timers
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--minibatches", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--old-logprobs", default="recompute", choices=["recompute", "generate"])
+    parser.add_argument("--old-logprobs", default="generate", choices=["generate", "recompute"])
     parser.add_argument("--micro-batch-tokens", type=int, default=16384)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "nftune" / "demo-base"))

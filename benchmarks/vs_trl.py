@@ -272,7 +272,7 @@ def main() -> None:
         print(f"\nshape M = {m} mini-batch steps per rollout (median of {args.repeats}); "
               f"answers/s over all {args.rollouts} rollouts | over rollouts 2..{args.rollouts}")
         for kind in kinds:
-            print(f"  {kind:<15} {answers / med[kind]:7.1f} | {later / steady[kind]:7.1f} "
+            print(f"  {kind:<17} {answers / med[kind]:7.1f} | {later / steady[kind]:7.1f} "
                   f"answers/s  ({med[kind]:6.1f} s, mean answer "
                   f"{statistics.mean(r['mean_length'] for r in runs[kind]):4.1f} tokens, "
                   f"peak RSS {rss[kind]:,.0f} MB"

@@ -67,3 +67,29 @@ def test_both_sources_agree_and_a_repetition_penalty_is_not_applied(policy):
                                atol=1e-5, rtol=0)
     torch.testing.assert_close(runs["generate"].entropy, runs["recompute"].entropy,
                                atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("chunk_elements", [2**25, 50])  # one chunk; a few rows per chunk
+def test_token_logprobs_match_log_softmax_in_float64_with_gradients(monkeypatch,
+                                                                    chunk_elements):
+    from nftune import rollout
+
+    monkeypatch.setattr(rollout, "LOGIT_CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(5, 4, 7, dtype=torch.float64)).requires_grad_()
+    targets = torch.randint(0, 7, (5, 4))
+    weights = torch.randn(5, 4, dtype=torch.float64)
+
+    logp, entropy = rollout.token_logprobs(logits.float(), targets, with_entropy=True)
+    (logp.double() * weights).sum().backward()
+
+    x = logits.detach()
+    softmax = x.exp() / x.exp().sum(-1, keepdim=True)
+    expected = x.gather(-1, targets[..., None]).squeeze(-1) - x.exp().sum(-1).log()
+    torch.testing.assert_close(logp.double(), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy.double(), -(softmax * softmax.log()).sum(-1),
+                               atol=1e-5, rtol=0)
+    # d/dx_j of w·log softmax(x)_a = w·(1[j = a] − softmax(x)_j)
+    onehot = torch.nn.functional.one_hot(targets, 7).double()
+    torch.testing.assert_close(logits.grad, weights[..., None] * (onehot - softmax),
+                               atol=1e-5, rtol=0)

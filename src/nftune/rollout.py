@@ -76,21 +76,38 @@ def position_ids_for(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
 
 
+# float32 logits handled per chunk of rows: bounds the temporaries of the log-softmax
+LOGIT_CHUNK_ELEMENTS = 2**25
+
+
+def token_logprobs(logits: Tensor, targets: Tensor, with_entropy: bool = False
+                   ) -> tuple[Tensor, Tensor | None]:
+    """log softmax(logits) at ``targets`` and optionally the entropy, (B, R) each, in float32.
+
+    log π(a) = x_a − logsumexp(x) and H = logsumexp(x) − Σ softmax(x)·x, computed a few rows at
+    a time: no full-size (B, R, V) log-softmax is kept, and the backward of logsumexp needs only
+    the logits themselves.
+    """
+    rows = max(1, LOGIT_CHUNK_ELEMENTS // max(1, logits.shape[1] * logits.shape[2]))
+    logprobs, entropy = [], []
+    for chunk, target in zip(logits.split(rows), targets.split(rows), strict=True):
+        chunk = chunk.float()
+        lse = torch.logsumexp(chunk, dim=-1)
+        logprobs.append(chunk.gather(-1, target.unsqueeze(-1)).squeeze(-1) - lse)
+        if with_entropy:
+            entropy.append(lse - (torch.softmax(chunk, dim=-1) * chunk).sum(-1))
+    return torch.cat(logprobs), torch.cat(entropy) if with_entropy else None
+
+
 def response_logprobs(model, input_ids: Tensor, attention_mask: Tensor, prompt_len: int,
                       with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """Per-token log π(a_t | q, a_<t) of the response columns, (B, R), and optionally the
-    policy's entropy at each of them. Log-softmax runs in fp32 whatever the model's dtype."""
+    policy's entropy at each of them, in float32 whatever the model's dtype."""
     width = input_ids.shape[1] - prompt_len
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
                    position_ids=position_ids_for(attention_mask),
-                   logits_to_keep=width + 1).logits[:, :-1].float()
-    logp_all = torch.log_softmax(logits, dim=-1)
-    targets = input_ids[:, prompt_len:]
-    logprobs = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logprobs, entropy
+                   logits_to_keep=width + 1).logits[:, :-1]
+    return token_logprobs(logits, input_ids[:, prompt_len:], with_entropy)
 
 
 class LogprobRecorder(LogitsProcessor):
