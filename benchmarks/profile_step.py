@@ -101,6 +101,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     verifier = Verifier(cfg.verify_workers, cfg.verify_timeout_s,
                         strategy=strategy_for(cfg.template))
+    verifier.start_in_background()  # as the trainer does: pool start-up is not a step's cost
 
     timer = PhaseTimer(device)
     # wrap the names the trainer looks up at call time

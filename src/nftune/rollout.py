@@ -80,22 +80,50 @@ def position_ids_for(attention_mask: Tensor) -> Tensor:
 LOGIT_CHUNK_ELEMENTS = 2**25
 
 
+class _PickedLogSoftmax(torch.autograd.Function):
+    """log softmax(x)_a for one chunk of logits, keeping only x and logsumexp(x) for backward:
+    d/dx_j = g · (1[j = a] − exp(x_j − logsumexp(x))), recomputed from the logits."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor) -> Tensor:
+        x = logits.float()
+        index = target.unsqueeze(-1)
+        picked = torch.log_softmax(x, dim=-1).gather(-1, index).squeeze(-1)
+        lse = x.gather(-1, index).squeeze(-1) - picked
+        ctx.save_for_backward(logits, index, lse)
+        return picked
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        logits, index, lse = ctx.saved_tensors
+        g = grad.unsqueeze(-1)
+        out = torch.exp(logits.float() - lse.unsqueeze(-1)).mul_(-g)
+        out.scatter_add_(-1, index, g)
+        return out.to(logits.dtype), None
+
+
 def token_logprobs(logits: Tensor, targets: Tensor, with_entropy: bool = False
                    ) -> tuple[Tensor, Tensor | None]:
-    """log softmax(logits) at ``targets`` and optionally the entropy, (B, R) each, in float32.
+    """log softmax(logits) at ``targets`` and optionally the entropy (a diagnostic, without
+    gradient), (B, R) each, in float32.
 
-    log π(a) = x_a − logsumexp(x) and H = logsumexp(x) − Σ softmax(x)·x, computed a few rows at
-    a time: no full-size (B, R, V) log-softmax is kept, and the backward of logsumexp needs only
-    the logits themselves.
+    Computed a few rows at a time, and the backward recomputes the softmax from the logits, so
+    no full-size (B, R, V) log-softmax is ever kept: the logits are the only vocabulary-wide
+    tensor alive.
     """
     rows = max(1, LOGIT_CHUNK_ELEMENTS // max(1, logits.shape[1] * logits.shape[2]))
+    needs_grad = torch.is_grad_enabled() and logits.requires_grad
     logprobs, entropy = [], []
     for chunk, target in zip(logits.split(rows), targets.split(rows), strict=True):
-        chunk = chunk.float()
-        lse = torch.logsumexp(chunk, dim=-1)
-        logprobs.append(chunk.gather(-1, target.unsqueeze(-1)).squeeze(-1) - lse)
-        if with_entropy:
-            entropy.append(lse - (torch.softmax(chunk, dim=-1) * chunk).sum(-1))
+        if needs_grad:
+            logprobs.append(_PickedLogSoftmax.apply(chunk, target))
+        if with_entropy or not needs_grad:
+            with torch.no_grad():
+                logp = torch.log_softmax(chunk.float(), dim=-1)
+                if not needs_grad:
+                    logprobs.append(logp.gather(-1, target.unsqueeze(-1)).squeeze(-1))
+                if with_entropy:
+                    entropy.append(-(logp.exp() * logp).sum(-1))
     return torch.cat(logprobs), torch.cat(entropy) if with_entropy else None
 
 
