@@ -92,11 +92,11 @@ def main() -> None:
                                str(args.new_tokens)], capture_output=True, text=True)
         lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
         if done.returncode or not lines:
-            print(f"  {method:<14} failed (rc {done.returncode}): {done.stderr[-300:]}")
+            print(f"  {method:<19} failed (rc {done.returncode}): {done.stderr[-300:]}")
             continue
         r = json.loads(lines[-1][7:])
         base = r["peak_rss_mb"] if base is None else base
-        print(f"  {method:<14} peak RSS {r['peak_rss_mb']:8,.0f} MB  "
+        print(f"  {method:<19} peak RSS {r['peak_rss_mb']:8,.0f} MB  "
               f"({r['peak_rss_mb'] - base:+7,.0f} MB over plain generate), "
               f"{r['seconds']:5.1f} s, {r['columns']} columns")
 

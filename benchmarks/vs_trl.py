@@ -3,20 +3,20 @@
 Usage: python benchmarks/vs_trl.py [--prompts 32] [--k 8] [--new-tokens 48] [--minibatches 4]
                                    [--rollouts 4] [--repeats 3] [--device cpu|cuda]
 
-Workload: one rollout of P questions × K answers (at most `--new-tokens` tokens), then M mini-
-batch optimizer steps on it; repeated `--rollouts` times. Both trainers run the GRPO objective
-with DAPO's clip-higher (0.2 / 0.28), token-level loss, no KL (β = 0), temperature 1, no top-k,
-the same model (the demo's base model: a tiny Qwen2 that answers the arithmetic task some of
-the time), the same questions and nftune's verifier as the reward. TRL:
+Workload: one rollout of P questions × K answers (at most `--new-tokens` tokens), then M
+mini-batch optimizer steps on it; repeated `--rollouts` times. Both trainers run the GRPO
+objective with DAPO's clip-higher (0.2 / 0.28), token-level loss, no KL (β = 0), temperature 1,
+no top-k, the same model (the demo's base model: a tiny Qwen2 that answers the arithmetic task
+some of the time), the same questions and nftune's verifier as the reward. TRL:
 `per_device_train_batch_size = P·K/M`, `steps_per_generation = M`, `num_generations = K`.
 nftune runs with its defaults (old log-probs recorded during generation) and once more with
 `old_logprobs: recompute`. The floor samples the same questions with the same seeds as nftune,
 so both generate the same answers. Each measurement runs in its own process (peak RSS is that
 process's); runs alternate nftune / nftune-recompute / TRL / floor and the median of the
-repeats is reported, plus the on-policy shape M = 1. The compute floor is generate + one no-
-grad forward + M forward/backward passes (one per mini-batch, each trimmed to its own longest
-answer) over the same questions, with no verification or bookkeeping; nftune's overhead is
-measured against it. Each figure is given twice: over all rollouts, and over rollouts 2..N —
+repeats is reported, plus the on-policy shape M = 1. The compute floor is generate + one
+no-grad forward + M forward/backward passes (one per mini-batch, each trimmed to its own
+longest answer) over the same questions, with no verification or bookkeeping; nftune's overhead
+is measured against it. Each figure is given twice: over all rollouts, and over rollouts 2..N —
 the first pays one-off warm-up (on a GPU: CUDA context, cuBLAS handles, kernel selection), so
 the second is the steady-state rate.
 
