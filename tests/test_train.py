@@ -205,6 +205,60 @@ def test_micro_batches_respect_the_token_budget_and_groups():
     assert merged.group_ids.tolist() == [0, 0, 1, 1]
 
 
+def test_micro_batches_pack_similar_lengths_together():
+    lengths = [2, 9, 3, 8, 2, 9]
+    attn = (torch.arange(10)[None, :] < torch.tensor(lengths)[:, None]).long()
+    r = Rollout(input_ids=torch.zeros(6, 10, dtype=torch.long), attention_mask=attn,
+                prompt_len=1, response_mask=attn[:, 1:], truncated=torch.zeros(6, dtype=bool),
+                group_ids=torch.arange(6), texts=[""] * 6)
+
+    def padded(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    # longest first: 9, 9 | 8, 3 | 2, 2 — by hand, budget 20
+    assert micro_batches(r, 20) == [[1, 5], [3, 2], [0, 4]]
+    assert padded(micro_batches(r, 20)) == 18 + 16 + 4
+    # in arrival order: 2, 9 | 3, 8 | 2, 9
+    assert micro_batches(r, 20, by_length=False) == [[0, 1], [2, 3], [4, 5]]
+    assert padded(micro_batches(r, 20, by_length=False)) == 18 + 16 + 18
+
+
+@pytest.mark.parametrize("algo", ["nft", "grpo"])
+def test_the_update_does_not_depend_on_micro_batching(tiny_base, arithmetic_files, tmp_path,
+                                                      algo):
+    """One SGD step (lr 1, no clipping): parameter change = −gradient, which must be the same
+    whether the mini-batch runs as one pass or as length-sorted micro-batches."""
+    import copy
+
+    from nftune.data import format_prompt, load_questions
+    from nftune.rollout import generate_rollout
+    from nftune.train import load_policy, make_scheduler, update_policy
+
+    model, tokenizer = load_policy(str(tiny_base), torch.device("cpu"))
+    questions = load_questions(str(arithmetic_files["train"])).questions[:4]
+    torch.manual_seed(0)
+    rollout = generate_rollout(model, tokenizer, [format_prompt(q.problem, "raw")
+                                                  for q in questions], 4, max_new_tokens=40,
+                               logprobs_from="generate")
+    assert len(set(rollout.response_lengths.tolist())) > 2
+    rollout.correct = torch.tensor([1., 0, 0, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 0])
+    rollout.r_hat = rollout.correct.view(4, 4).mean(1).repeat_interleave(4)
+    deltas = []
+    for budget in (10**6, 150):
+        cfg = config(tiny_base, arithmetic_files, tmp_path, algo=algo, minibatches=1,
+                     grad_clip=0.0, warmup_steps=0, micro_batch_tokens=budget)
+        cfg.resolve()
+        policy = copy.deepcopy(model)
+        before = [p.detach().clone() for p in policy.parameters()]
+        optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
+        update_policy(policy, optimizer, make_scheduler(optimizer, cfg), rollout, cfg, 0)
+        deltas.append(torch.cat([(p.detach() - b).flatten()
+                                 for p, b in zip(policy.parameters(), before, strict=True)]))
+    assert len(micro_batches(rollout, 150)) >= 3  # rows regrouped by length
+    assert deltas[0].abs().max() > 1e-4  # the step did something
+    torch.testing.assert_close(deltas[1], deltas[0], atol=1e-6, rtol=1e-5)
+
+
 def test_bf16_autocast_path(tiny_base, arithmetic_files, tmp_path):
     out = tmp_path / "bf16"
     train(config(tiny_base, arithmetic_files, out, steps=1, prompts_per_step=8,

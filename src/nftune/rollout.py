@@ -304,10 +304,16 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         penalty=cat("penalty", False))
 
 
-def micro_batches(rollout: Rollout, max_tokens: int, keep_groups: bool = False
-                  ) -> list[list[int]]:
+def micro_batches(rollout: Rollout, max_tokens: int, keep_groups: bool = False,
+                  by_length: bool = True) -> list[list[int]]:
     """Split answers into micro-batches whose padded size (rows × longest sequence) stays
-    within ``max_tokens``; with ``keep_groups`` a question's answers stay together."""
+    within ``max_tokens``; with ``keep_groups`` a question's answers stay together.
+
+    With ``by_length`` the answers (or groups) are packed longest first, so each micro-batch
+    holds sequences of similar length and pays little padding; the longest come first, so a
+    budget that does not fit in memory fails on the first micro-batch. Gradients and recorded
+    log-probs do not depend on the order (each row is computed once, losses are sums).
+    """
     lengths = (rollout.attention_mask.sum(1)).tolist()
     if keep_groups:
         units: list[list[int]] = []
@@ -315,6 +321,8 @@ def micro_batches(rollout: Rollout, max_tokens: int, keep_groups: bool = False
             units.append(torch.nonzero(rollout.group_ids == g).flatten().tolist())
     else:
         units = [[i] for i in range(len(rollout))]
+    if by_length:  # stable: equal lengths keep their order
+        units.sort(key=lambda unit: -max(lengths[i] for i in unit))
     batches: list[list[int]] = []
     current: list[int] = []
     longest = 0
