@@ -236,30 +236,42 @@ def register_objective(name: str) -> Callable[[ObjectiveFn], ObjectiveFn]:
     return wrap
 
 
-def _ratio_metrics(log_ratio: Tensor, mask: Tensor) -> Metrics:
+def _ratio_stats(log_ratio: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """Importance-ratio diagnostics on the response tokens, as 0-dim tensors (no host read);
+    1, 1 and 0 when there is no response token."""
     m = mask.bool()
-    if not m.any():
-        return {"ratio_mean": 1.0, "ratio_max": 1.0, "approx_kl": 0.0}
-    lr = log_ratio.detach()[m]
+    lr = log_ratio.detach()
     ratio = torch.exp(lr)
+    count = m.sum()
+    some = count > 0
+    per_token_kl = ratio - 1 - lr  # k3 estimator of KL(π_old ‖ π_θ)
+    one = torch.ones((), dtype=ratio.dtype, device=ratio.device)
     return {
-        "ratio_mean": ratio.mean().item(),
-        "ratio_max": ratio.max().item(),
-        # k3 estimator of KL(π_old ‖ π_θ) on the rollout tokens
-        "approx_kl": (ratio - 1 - lr).mean().item(),
+        "ratio_mean": torch.where(some, (ratio * m).sum() / count.clamp(min=1), one),
+        "ratio_max": torch.where(some, torch.where(m, ratio, -torch.inf).max(), one),
+        "approx_kl": (per_token_kl * m).sum() / count.clamp(min=1),
     }
+
+
+def _ratio_metrics(log_ratio: Tensor, mask: Tensor) -> Metrics:
+    return _to_floats(_ratio_stats(log_ratio, mask))
+
+
+def _to_floats(values: dict[str, Tensor]) -> Metrics:
+    """0-dim tensors to floats with one device-to-host copy (one sync on a GPU, not one each)."""
+    floats = torch.stack([v.detach().float() for v in values.values()]).tolist()
+    return dict(zip(values, floats, strict=True))
 
 
 def _finish(parts: dict[str, Tensor], clipped: Tensor, log_ratio: Tensor, mask: Tensor,
             num_tokens: Tensor) -> tuple[Tensor, Metrics]:
     """Token-mean aggregation: Σ (per-token loss · mask) / num_tokens, plus diagnostics."""
     sums = {k: token_sum(v, mask) / num_tokens for k, v in parts.items()}
-    loss = sums.pop("loss")
+    loss = sums["loss"]
     n = mask.sum().clamp(min=1)
-    metrics = {k: v.item() for k, v in sums.items()}
-    metrics["clip_fraction"] = (token_sum(clipped, mask) / n).item()
-    metrics.update(_ratio_metrics(log_ratio, mask))
-    return loss, metrics
+    stats = {**sums, "clip_fraction": token_sum(clipped, mask) / n,
+             **_ratio_stats(log_ratio, mask)}
+    return loss, _to_floats(stats)
 
 
 @register_objective("nft")
@@ -365,6 +377,16 @@ def _check_inputs(logprobs, old_logprobs, mask, correct, r_hat, group_ids, num_t
             continue
         if not isinstance(t, Tensor) or tuple(t.shape) != shape[:1]:
             raise ValueError(f"{name}: expected shape ({shape[0]},), got {_describe(t)}")
+    device = logprobs.device
+    checks = [torch.isnan(logprobs).any(), torch.isnan(old_logprobs).any(),
+              torch.isnan(r_hat).any(), ((r_hat < 0) | (r_hat > 1)).any(),
+              ~((correct == 0) | (correct == 1)).all(), ~((mask == 0) | (mask == 1)).all()]
+    if isinstance(num_tokens, Tensor):
+        checks.append(num_tokens <= 0)
+    if not torch.stack([c.to(device).reshape(()) for c in checks]).any():  # one host read
+        if num_tokens is None or isinstance(num_tokens, Tensor) or num_tokens > 0:
+            return
+    # something is wrong: find what, and say so
     for name, t in (("logprobs", logprobs), ("old_logprobs", old_logprobs), ("r_hat", r_hat)):
         if torch.isnan(t).any():
             raise ValueError(f"{name}: contains NaN")
@@ -375,8 +397,7 @@ def _check_inputs(logprobs, old_logprobs, mask, correct, r_hat, group_ids, num_t
         raise ValueError("correct: values must be 0/1 or bool")
     if not ((mask == 0) | (mask == 1)).all():
         raise ValueError("mask: values must be 0/1 or bool")
-    if num_tokens is not None and float(num_tokens) <= 0:
-        raise ValueError(f"num_tokens: must be positive, got {float(num_tokens)}")
+    raise ValueError(f"num_tokens: must be positive, got {float(num_tokens)}")
 
 
 def hparam_names(algo: str) -> list[str]:
@@ -444,5 +465,6 @@ def compute_loss(
     # log R_t, exactly 0 off the response (padding may hold any value, even -inf)
     log_ratio = torch.where(mask > 0, logprobs - old_logprobs.detach(), 0.0)
     loss, metrics = fn(log_ratio, mask, correct, r_hat, num_tokens, **hparams)
-    metrics["loss"] = loss.item()
+    if "loss" not in metrics:
+        metrics["loss"] = loss.item()
     return loss, metrics
