@@ -91,6 +91,19 @@ def test_pool_survives_a_killed_worker(verifier):
     assert verifier.restarts > before
 
 
+def test_pool_survives_a_dead_worker_it_still_thinks_alive(verifier):
+    """A killed worker can look alive until it is reaped; sending to it must not fail."""
+    verifier.verify(["\\boxed{\\frac{1}{3}}"], ["1/3"])
+    for w in verifier._pool:
+        os.kill(w.proc.pid, 9)
+        w.proc.join(timeout=5)
+        w.proc.is_alive = lambda: True  # the lag, made certain
+    before = verifier.restarts
+    out = verifier.verify(["\\boxed{\\frac{2}{6}}", "\\boxed{x+1}"], ["1/3", "1+x"])
+    assert out == [True, True]
+    assert verifier.restarts >= before + 1
+
+
 def test_bytes_responses_are_decoded(verifier):
     assert verifier.verify([b"\\boxed{12}\xff"], ["12"]) == [True]
 

@@ -312,9 +312,17 @@ class Verifier:
         deaths: dict[int, int] = {}  # item index → worker deaths while it was being checked
 
         def dispatch(worker: _Worker) -> None:
-            if queue:
-                worker.send(queue.pop(0))
-                busy[worker.conn] = worker
+            if not queue:
+                return
+            chunk = queue.pop(0)
+            try:
+                worker.send(chunk)
+            except OSError:  # dead but not yet reaped (is_alive lags a kill): not the chunk's fault
+                worker.pending = []
+                queue.insert(0, chunk)
+                self._replace(worker, busy, queue, deaths, timed_out=False)
+                return
+            busy[worker.conn] = worker
 
         for i, w in enumerate(self._pool):
             if not w.proc.is_alive():  # died between calls
