@@ -19,7 +19,6 @@ count with ``.item()``; CUDA's default (foreach) does neither, so those syncs ar
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import warnings
@@ -27,30 +26,23 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from vs_trl import base_model, questions  # noqa: E402
+from workload import add_workload_args, trainer_parts, workload_config  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_workload_args(parser)
     parser.add_argument("--algo", default="grpo")
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--k", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--minibatches", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--old-logprobs", default="generate", choices=["generate", "recompute"])
-    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "nftune" / "demo-base"))
     args = parser.parse_args()
 
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import nftune.train as T
-    from nftune.config import build_config
-    from nftune.data import strategy_for
     from nftune.rollout import response_logprobs
-    from nftune.verify import Verifier
 
     class Counting(TorchDispatchMode):
         def __init__(self):
@@ -79,25 +71,11 @@ def main() -> None:
                 mode.phase, mode.in_optimizer = before, False
         return wrapped
 
-    model_dir = base_model(args.cache)
-    tmp = Path(tempfile.mkdtemp())
-    data = tmp / "train.jsonl"
-    data.write_text("".join(json.dumps(q.__dict__) + "\n" for q in questions()))
-    cfg = build_config(None, dict(
-        model=str(model_dir), train_data=str(data), template="raw", algo=args.algo,
-        output_dir=str(tmp / "run"), prompts_per_step=args.prompts, answers_per_prompt=args.k,
-        max_new_tokens=args.new_tokens, minibatches=args.minibatches, lr=1e-6, warmup_steps=0,
-        gen_batch_size=args.prompts * args.k, verify_workers=2, device="cpu",
-        old_logprobs=args.old_logprobs))
-    cfg.resolve()
-    model, tokenizer = T.load_policy(cfg.model, torch.device("cpu"))
-    qs = T.load_questions(cfg.train_data).questions
-    sampler = T.PromptSampler(len(qs), cfg.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    cfg = workload_config(args, Path(tempfile.mkdtemp()), algo=args.algo, device="cpu",
+                          old_logprobs=args.old_logprobs)
+    model, tokenizer, qs, sampler, optimizer, verifier = trainer_parts(cfg)
     floor_optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     scheduler = T.make_scheduler(optimizer, cfg)
-    verifier = Verifier(cfg.verify_workers, cfg.verify_timeout_s,
-                        strategy=strategy_for(cfg.template))
 
     model.generate = in_phase("generate", model.generate)
     T.recompute_logprobs = in_phase("old log-probs", T.recompute_logprobs)

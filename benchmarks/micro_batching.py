@@ -70,7 +70,7 @@ def main() -> None:
             print(f"  {budget:>8} {str(keep):>11} {cells[0]:>22} {cells[1]:>22}")
     print("  (tokens fed to the model, as a multiple of the real tokens, micro-batches)")
 
-    from vs_trl import base_model
+    from workload import base_model
 
     from nftune.train import load_policy
 

@@ -27,7 +27,7 @@ from pathlib import Path
 # torch is imported inside functions: the verifier's worker processes re-import this script
 # as their __main__, and should not pay for torch (with CUDA libraries) on start-up
 sys.path.insert(0, str(Path(__file__).parent))
-from vs_trl import base_model, device_name, questions  # noqa: E402
+from workload import add_workload_args, device_name, trainer_parts, workload_config  # noqa: E402
 
 
 class PhaseTimer:
@@ -60,50 +60,25 @@ class PhaseTimer:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_workload_args(parser)
     parser.add_argument("--algo", default="grpo")
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--k", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--minibatches", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--old-logprobs", default="generate", choices=["generate", "recompute"])
     parser.add_argument("--micro-batch-tokens", type=int, default=16384)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "nftune" / "demo-base"))
     args = parser.parse_args()
-
-    import json
 
     import torch
 
     import nftune.train as T
-    from nftune.config import build_config
-    from nftune.data import strategy_for
-    from nftune.verify import Verifier
 
-    model_dir = base_model(args.cache)
-    tmp = Path(tempfile.mkdtemp())
-    data = tmp / "train.jsonl"
-    data.write_text("".join(json.dumps(q.__dict__) + "\n" for q in questions()))
-    cfg = build_config(None, dict(
-        model=str(model_dir), train_data=str(data), template="raw", algo=args.algo,
-        output_dir=str(tmp / "run"), prompts_per_step=args.prompts, answers_per_prompt=args.k,
-        max_new_tokens=args.new_tokens, minibatches=args.minibatches, lr=1e-6, warmup_steps=0,
-        gen_batch_size=args.prompts * args.k, verify_workers=2,
-        old_logprobs=args.old_logprobs, micro_batch_tokens=args.micro_batch_tokens,
-        device=args.device))
-    cfg.resolve()
-    device = T.pick_device(cfg.device)
-    model, tokenizer = T.load_policy(cfg.model, device)
-    qs = T.load_questions(cfg.train_data).questions
-    sampler = T.PromptSampler(len(qs), cfg.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    verifier = Verifier(cfg.verify_workers, cfg.verify_timeout_s,
-                        strategy=strategy_for(cfg.template))
-    verifier.start_in_background()  # as the trainer does: pool start-up is not a step's cost
+    cfg = workload_config(args, Path(tempfile.mkdtemp()), algo=args.algo,
+                          old_logprobs=args.old_logprobs,
+                          micro_batch_tokens=args.micro_batch_tokens, device=args.device)
+    model, tokenizer, qs, sampler, optimizer, verifier = trainer_parts(cfg)
 
-    timer = PhaseTimer(device)
+    timer = PhaseTimer(T.pick_device(cfg.device))
     # wrap the names the trainer looks up at call time
     T.generate_rollout = timer.wrap("rollout (all)", T.generate_rollout)
     model.generate = timer.wrap("rollout: HF generate", model.generate)

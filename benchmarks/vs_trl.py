@@ -35,39 +35,18 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def base_model(cache: str) -> Path:
-    from nftune.tasks.base_model import BaseSpec, cached_base_model
-
-    path, _ = cached_base_model(cache, BaseSpec())
-    return path
+from workload import add_workload_args, base_model, device_name, questions, workload_config
 
 
-def questions(n: int = 2000):
-    from nftune.tasks.arithmetic import make_questions
-
-    return make_questions(n, "train", 0, 2)
-
-
-def run_nftune(args, model: Path, workdir: Path, old_logprobs: str) -> dict:
-    import json as _json
-
-    from nftune.config import build_config
+def run_nftune(args, workdir: Path, old_logprobs: str) -> dict:
     from nftune.train import train
 
-    data = workdir / "train.jsonl"
-    data.write_text("".join(_json.dumps(q.__dict__) + "\n" for q in questions()))
-    cfg = build_config(None, dict(
-        model=str(model), train_data=str(data), template="raw", algo="grpo",
-        output_dir=str(workdir / "nftune"), steps=args.rollouts,
-        prompts_per_step=args.prompts, answers_per_prompt=args.k,
-        max_new_tokens=args.new_tokens, minibatches=args.minibatches, lr=1e-6,
-        warmup_steps=0, gen_batch_size=args.prompts * args.k, save_every=0,
-        verify_workers=2, old_logprobs=old_logprobs, device=args.device))
+    cfg = workload_config(args, workdir, steps=args.rollouts, save_every=0,
+                          old_logprobs=old_logprobs, device=args.device)
     start = time.perf_counter()
     train(cfg, progress=False)
     whole = time.perf_counter() - start
-    rows = [_json.loads(x) for x in (workdir / "nftune" / "metrics.jsonl").read_text().split("\n")
+    rows = [json.loads(x) for x in (workdir / "nftune" / "metrics.jsonl").read_text().split("\n")
             if x]
     phases = {k: sum(r[k] for r in rows) for k in ("time_generate_s", "time_verify_s",
                                                     "time_update_s")}
@@ -208,7 +187,7 @@ def worker(args) -> None:
         elif args.worker == "floor":
             result = run_floor(args, model)
         else:
-            result = run_nftune(args, model, Path(tmp),
+            result = run_nftune(args, Path(tmp),
                                 "recompute" if args.worker == "nftune-recompute" else "generate")
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.device.startswith("cuda"):
@@ -216,14 +195,6 @@ def worker(args) -> None:
 
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps(result))
-
-
-def device_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0)
-    return f"CPU, {torch.get_num_threads()} torch threads"
 
 
 def measure(kind: str, args, minibatches: int) -> dict:
@@ -239,13 +210,9 @@ def measure(kind: str, args, minibatches: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--k", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--minibatches", type=int, default=4)
+    add_workload_args(parser)
     parser.add_argument("--rollouts", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "nftune" / "demo-base"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda (same for all three)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
