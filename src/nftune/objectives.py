@@ -253,10 +253,6 @@ def _ratio_stats(log_ratio: Tensor, mask: Tensor) -> dict[str, Tensor]:
     }
 
 
-def _ratio_metrics(log_ratio: Tensor, mask: Tensor) -> Metrics:
-    return _to_floats(_ratio_stats(log_ratio, mask))
-
-
 def _to_floats(values: dict[str, Tensor]) -> Metrics:
     """0-dim tensors to floats with one device-to-host copy (one sync on a GPU, not one each)."""
     floats = torch.stack([v.detach().float() for v in values.values()]).tolist()
@@ -359,10 +355,11 @@ def infonca(log_ratio, mask, correct, r_hat, num_tokens, *, logprobs, group_ids,
     n_sft = num_sft_tokens if num_sft_tokens is not None else (m * r).sum().clamp(min=1)
     sft = -torch.where((m * r) > 0, logprobs, 0.0).sum() / n_sft
     nca = nca_sum / g
-    metrics = {"loss_pos": (sft_coef * sft).item(), "loss_neg": nca.item(), "clip_fraction": 0.0,
-               "groups_with_positive": float(contributing)}
-    metrics.update(_ratio_metrics(log_ratio, mask))
-    return nca + sft_coef * sft, metrics
+    loss = nca + sft_coef * sft
+    metrics = _to_floats({"loss": loss, "loss_pos": sft_coef * sft, "loss_neg": nca,
+                          **_ratio_stats(log_ratio, mask)})
+    metrics.update(clip_fraction=0.0, groups_with_positive=float(contributing))
+    return loss, metrics
 
 
 def _check_inputs(logprobs, old_logprobs, mask, correct, r_hat, group_ids, num_tokens) -> None:
@@ -377,27 +374,24 @@ def _check_inputs(logprobs, old_logprobs, mask, correct, r_hat, group_ids, num_t
             continue
         if not isinstance(t, Tensor) or tuple(t.shape) != shape[:1]:
             raise ValueError(f"{name}: expected shape ({shape[0]},), got {_describe(t)}")
-    device = logprobs.device
-    checks = [torch.isnan(logprobs).any(), torch.isnan(old_logprobs).any(),
-              torch.isnan(r_hat).any(), ((r_hat < 0) | (r_hat > 1)).any(),
-              ~((correct == 0) | (correct == 1)).all(), ~((mask == 0) | (mask == 1)).all()]
-    if isinstance(num_tokens, Tensor):
-        checks.append(num_tokens <= 0)
-    if not torch.stack([c.to(device).reshape(()) for c in checks]).any():  # one host read
-        if num_tokens is None or isinstance(num_tokens, Tensor) or num_tokens > 0:
-            return
-    # something is wrong: find what, and say so
-    for name, t in (("logprobs", logprobs), ("old_logprobs", old_logprobs), ("r_hat", r_hat)):
-        if torch.isnan(t).any():
-            raise ValueError(f"{name}: contains NaN")
-    if ((r_hat < 0) | (r_hat > 1)).any():
-        raise ValueError(f"r_hat: values must lie in [0, 1], got min {r_hat.min().item():g} "
-                         f"max {r_hat.max().item():g}")
-    if not ((correct == 0) | (correct == 1)).all():
-        raise ValueError("correct: values must be 0/1 or bool")
-    if not ((mask == 0) | (mask == 1)).all():
-        raise ValueError("mask: values must be 0/1 or bool")
-    raise ValueError(f"num_tokens: must be positive, got {float(num_tokens)}")
+    # every value check at once, one host read; the first that fails is reported
+    problems = [
+        (torch.isnan(logprobs).any(), lambda: "logprobs: contains NaN"),
+        (torch.isnan(old_logprobs).any(), lambda: "old_logprobs: contains NaN"),
+        (torch.isnan(r_hat).any(), lambda: "r_hat: contains NaN"),
+        (((r_hat < 0) | (r_hat > 1)).any(),
+         lambda: f"r_hat: values must lie in [0, 1], got min {r_hat.min().item():g} "
+                 f"max {r_hat.max().item():g}"),
+        (~((correct == 0) | (correct == 1)).all(), lambda: "correct: values must be 0/1 or bool"),
+        (~((mask == 0) | (mask == 1)).all(), lambda: "mask: values must be 0/1 or bool"),
+    ]
+    if num_tokens is not None:
+        problems.append((torch.as_tensor(num_tokens) <= 0,
+                         lambda: f"num_tokens: must be positive, got {float(num_tokens)}"))
+    flags = torch.stack([bad.to(logprobs.device).reshape(()) for bad, _ in problems]).tolist()
+    for failed, (_, message) in zip(flags, problems, strict=True):
+        if failed:
+            raise ValueError(message())
 
 
 def hparam_names(algo: str) -> list[str]:
