@@ -3,32 +3,38 @@
 Checking is math-verify's (gold first: ``verify(parse(gold), parse(pred))``), behind a fast path
 for plain numbers that needs no sympy. math-verify bounds its own time with SIGALRM, which only
 works in a main thread, and some inputs (``9^{9^{9^{9}}}``) hang inside C code where no signal
-reaches; so every non-trivial check runs in a worker process with a memory limit, and the parent
-kills a worker that overruns ``timeout_s`` and starts a fresh one. A verdict that cannot be
-reached is ``False``; nothing a model writes can stop the run.
+reaches; so every non-trivial check runs in a worker process (a fresh interpreter, see
+``nftune._verify_worker``) with a memory limit, and the parent kills a worker that overruns
+``timeout_s`` and starts a fresh one. A verdict that cannot be reached is ``False``; an answer
+longer than ``MAX_ANSWER_CHARS`` is ``False``; nothing a model writes can stop the run.
+
+:class:`Verifier` is safe to call from several threads (calls take turns on one pool) and after
+an interrupted call (workers that were mid-call are killed, so no stale verdict survives).
 """
 
 from __future__ import annotations
 
 import atexit
-import logging
-import multiprocessing as mp
+import json
 import os
 import re
+import select
+import subprocess
+import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from fractions import Fraction
 from functools import lru_cache
-from multiprocessing.connection import Connection, wait
+from pathlib import Path
 
 STRATEGIES = ("auto", "boxed", "answer_line")
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
-_ANSWER_LINE = re.compile(r"^[\W_]*answer\s*\**\s*:\s*\**\s*(.*?)\s*$", re.IGNORECASE)
 _PLAIN_NUMBER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[+-]?\.\d+")
 _WHITESPACE = re.compile(r"\s+")
 _MAX_FAST_LEN = 64
-_MAX_ANSWER_LEN = 2000  # longer "answers" are not answers; they go to math-verify truncated
+MAX_ANSWER_CHARS = 2000  # a longer extracted answer is wrong, never cut to fit
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,12 +66,28 @@ def _last_boxed(text: str) -> str | None:
     return None  # unbalanced: the response was cut off inside the box
 
 
+def _answer_line_value(line: str) -> str | None:
+    """``value`` if ``line`` reads ``Answer: value`` (any leading punctuation, ``**Answer:**``,
+    any case), else None. A scan, not a regex: linear in the line's length whatever it holds."""
+    i, n = 0, len(line)
+    while i < n and not line[i].isalnum():
+        i += 1
+    if line[i: i + 6].lower() != "answer":
+        return None
+    i += 6
+    while i < n and (line[i].isspace() or line[i] == "*"):
+        i += 1
+    if i >= n or line[i] != ":":
+        return None
+    return line[i + 1:].strip().lstrip("*").strip()
+
+
 def _last_answer_line(text: str) -> str | None:
     """The value of the last line of the form ``Answer: ...`` (DAPO-Math-17k's format)."""
     for line in reversed(text.splitlines()):
-        match = _ANSWER_LINE.match(line)
-        if match:
-            value = match.group(1).strip().rstrip(".").strip()
+        value = _answer_line_value(line)
+        if value is not None:
+            value = value.rstrip(".").strip()
             if value.startswith("$") and value.endswith("$") and len(value) > 1:
                 value = value.strip("$").strip()
             if value:
@@ -148,10 +170,13 @@ def math_verify_check(pred: str, gold: str, timeout_s: float = 5.0) -> bool:
     """math-verify's verdict; call only in a process's main thread (it uses SIGALRM)."""
     from math_verify import verify
 
+    if len(pred) > MAX_ANSWER_CHARS:
+        return False
+
     timeout = max(1, round(timeout_s))
     try:
         gold_parsed = _parse_boxed(gold, timeout)
-        pred_parsed = _parse_boxed(pred[:_MAX_ANSWER_LEN], timeout)
+        pred_parsed = _parse_boxed(pred, timeout)
         if not gold_parsed or not pred_parsed:
             return False
         return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
@@ -163,52 +188,101 @@ def math_verify_check(pred: str, gold: str, timeout_s: float = 5.0) -> bool:
 # Worker processes
 # ---------------------------------------------------------------------------------------------
 
+_STARTUP_LIMIT_S = 120.0  # a worker's import and warm-up, on a loaded machine
+_STARTUP_FAILURES = 3  # workers in a row that die before they are ready: the pool gives up
 
-def _worker_main(conn: Connection, memory_mb: int, timeout_s: float) -> None:
-    """Check (index, pred, gold) items one by one, sending each verdict back as it is reached."""
-    logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # timeouts are verdicts here
-    if memory_mb > 0:
-        try:
-            import resource
 
-            limit = memory_mb * 1024 * 1024
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        except (ImportError, ValueError, OSError):
-            pass
-    while True:
-        try:
-            chunk = conn.recv()
-        except (EOFError, OSError):
-            return
-        if chunk is None:
-            return
-        for index, pred, gold in chunk:
-            try:
-                verdict = math_verify_check(pred, gold, timeout_s)
-            except MemoryError:
-                verdict = False
-            conn.send((index, verdict))
+def _worker_count(workers: int | None) -> int:
+    return min(os.cpu_count() or 1, 8) if workers is None else workers
+
+
+def _readable(fds: list[int], timeout_s: float) -> list[int]:
+    """The descriptors with data or end of file (poll: no FD_SETSIZE limit in big processes)."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return [fd for fd, _ in poller.poll(timeout_s * 1000)]
+
+
+class VerifierError(RuntimeError):
+    """The verifier's workers cannot start (e.g. a broken install); the message says how to
+    see why."""
 
 
 class _Worker:
-    def __init__(self, ctx, memory_mb: int, timeout_s: float):
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, memory_mb, timeout_s),
-                                daemon=True)
-        self.proc.start()
-        child.close()
+    """One ``python -m nftune._verify_worker`` process, spoken to in JSON lines over pipes.
+
+    A fresh interpreter rather than a fork: it never imports the caller's ``__main__`` (no
+    ``if __name__ == "__main__"`` guard needed), inherits no threads or locks, unpickles
+    nothing, and runs in its own session so that a terminal's Ctrl-C does not reach it.
+    """
+
+    def __init__(self, memory_mb: int):
+        env = dict(os.environ)
+        package_root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH"))
+                                            if p)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nftune._verify_worker", str(memory_mb)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True)
+        self.fd = self.proc.stdout.fileno()
+        os.set_blocking(self.fd, False)
+        self.buffer = b""
+        self.ready = False
         self.pending: list[tuple[int, str, str]] = []
         self.last_progress = time.monotonic()
 
-    def send(self, chunk: list[tuple[int, str, str]]) -> None:
+    def send(self, chunk: list[tuple[int, str, str]], timeout_s: float) -> None:
         self.pending = list(chunk)
         self.last_progress = time.monotonic()
-        self.conn.send(chunk)
+        line = json.dumps({"timeout_s": timeout_s, "items": chunk}) + "\n"
+        self.proc.stdin.write(line.encode())
+        self.proc.stdin.flush()
+
+    def receive(self) -> list | None:
+        """The messages that have arrived (``{"ready": true}`` or ``[index, verdict]``); None
+        once the worker has died or written something that is not the protocol."""
+        try:
+            data = os.read(self.fd, 1 << 16)
+        except BlockingIOError:
+            return []
+        except OSError:
+            return None
+        if not data:
+            return None
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        try:
+            return [json.loads(line) for line in lines]
+        except ValueError:
+            return None
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
     def kill(self) -> None:
         self.proc.kill()
-        self.proc.join(timeout=1)
-        self.conn.close()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        """End of input: the worker exits by itself; killed if it does not within a second."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            pass
+        self.kill()
 
 
 class Verifier:
@@ -226,48 +300,37 @@ class Verifier:
                  memory_mb: int = 4096, strategy: str = "auto", chunk_size: int = 32):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy: unknown {strategy!r}; valid: {list(STRATEGIES)}")
-        self.workers = min(os.cpu_count() or 1, 8) if workers is None else workers
+        self.workers = _worker_count(workers)
         self.timeout_s = timeout_s
         self.memory_mb = memory_mb
         self.strategy = strategy
         self.chunk_size = chunk_size
         self.restarts = 0
         self._pool: list[_Worker] = []
-        self._ctx = None
-        self._starting: threading.Thread | None = None
+        self._lock = threading.RLock()
+        self._failed_starts = 0
 
     def start_in_background(self) -> None:
-        """Start the worker pool now, in a thread, so that the fork server's math-verify
-        warm-up (seconds on a cold machine) overlaps the caller's own set-up instead of
-        landing in the first ``verify`` call that needs math-verify."""
-        if self.workers and self._starting is None and not self._pool:
-            self._starting = threading.Thread(target=self._start, daemon=True,
-                                              name="nftune-verifier-start")
-            self._starting.start()
+        """Start the worker processes now: their math-verify warm-up (seconds on a cold
+        machine) then overlaps the caller's own set-up instead of the first ``verify``."""
+        with self._lock:
+            self._fill_pool()
 
-    def _start(self) -> None:
-        if self._ctx is None:
-            self._ctx = mp.get_context("forkserver")
-            self._ctx.set_forkserver_preload(["nftune._verify_warm"])
+    def _fill_pool(self) -> None:
+        """Replace workers that died between calls and start missing ones."""
+        for i, worker in enumerate(self._pool):
+            if not worker.alive():
+                worker.kill()
+                self._pool[i] = _Worker(self.memory_mb)
+                self.restarts += 1
         while len(self._pool) < self.workers:
-            self._pool.append(_Worker(self._ctx, self.memory_mb, self.timeout_s))
-
-    def _wait_started(self) -> None:
-        if self._starting is not None:
-            self._starting.join()
-            self._starting = None
+            self._pool.append(_Worker(self.memory_mb))
 
     def close(self) -> None:
-        self._wait_started()
-        for w in self._pool:
-            try:
-                w.conn.send(None)
-            except (OSError, ValueError):
-                pass
-            w.proc.join(timeout=1)
-            if w.proc.is_alive():
-                w.kill()
-        self._pool = []
+        with self._lock:
+            for worker in self._pool:
+                worker.stop()
+            self._pool = []
 
     def __enter__(self) -> Verifier:
         return self
@@ -276,9 +339,11 @@ class Verifier:
         self.close()
 
     def verify(self, responses: Sequence[str], golds: Sequence[str],
-               strategy: str | None = None) -> list[bool]:
-        """One verdict per (response, gold) pair; ``strategy`` overrides the pool's."""
+               strategy: str | None = None, timeout_s: float | None = None) -> list[bool]:
+        """One verdict per (response, gold) pair; ``strategy`` and ``timeout_s`` override the
+        pool's for this call."""
         strategy = strategy or self.strategy
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         if len(responses) != len(golds):
             raise ValueError(f"golds: {len(golds)} golds for {len(responses)} responses")
         verdicts = [False] * len(responses)
@@ -287,8 +352,8 @@ class Verifier:
             pred = extract_answer(response, strategy)
             if pred is not None:
                 pred = pred.replace("\x00", "").strip() or None
-            if pred is None:
-                continue  # no committed answer: wrong
+            if pred is None or len(pred) > MAX_ANSWER_CHARS:
+                continue  # no committed answer, or one too long to be an answer: wrong
             gold = str(gold)
             fast = fast_verdict(pred, gold)
             if fast is not None:
@@ -298,86 +363,99 @@ class Verifier:
         if slow:
             if self.workers == 0:
                 for i, pred, gold in slow:
-                    verdicts[i] = math_verify_check(pred, gold, self.timeout_s)
+                    verdicts[i] = math_verify_check(pred, gold, timeout_s)
             else:
-                self._run_pool(slow, verdicts)
+                with self._lock:
+                    self._run_pool(slow, verdicts, timeout_s)
         return verdicts
 
-    def _run_pool(self, items: list[tuple[int, str, str]], verdicts: list[bool]) -> None:
-        self._wait_started()
-        self._start()
+    def _run_pool(self, items: list[tuple[int, str, str]], verdicts: list[bool],
+                  timeout_s: float) -> None:
+        self._fill_pool()
         size = max(1, min(self.chunk_size, -(-len(items) // (8 * len(self._pool)))))
-        queue = [items[i: i + size] for i in range(0, len(items), size)]
-        busy: dict[Connection, _Worker] = {}
+        queue = deque(items[i: i + size] for i in range(0, len(items), size))
+        busy: dict[int, _Worker] = {}
         deaths: dict[int, int] = {}  # item index → worker deaths while it was being checked
+        finished = False
+        try:
+            for worker in list(self._pool):
+                self._dispatch(worker, queue, busy, deaths, timeout_s)
+            while busy:
+                readable = _readable(list(busy), 0.05)
+                now = time.monotonic()
+                for fd in readable:
+                    worker = busy[fd]
+                    messages = worker.receive()
+                    if messages is None:  # died (e.g. out of memory) or spoke nonsense
+                        self._replace(worker, queue, busy, deaths, timeout_s, timed_out=False)
+                        continue
+                    for message in messages:
+                        if isinstance(message, dict):  # {"ready": true}: the clock starts now
+                            worker.ready, self._failed_starts = True, 0
+                        else:
+                            index, verdict = message
+                            verdicts[index] = verdict is True
+                            worker.pending = [p for p in worker.pending if p[0] != index]
+                        worker.last_progress = now
+                    if worker.ready and not worker.pending:
+                        del busy[fd]
+                        self._dispatch(worker, queue, busy, deaths, timeout_s)
+                for worker in list(busy.values()):
+                    limit = timeout_s + 0.5 if worker.ready else _STARTUP_LIMIT_S
+                    if now - worker.last_progress > limit:
+                        self._replace(worker, queue, busy, deaths, timeout_s,
+                                      timed_out=worker.ready)
+            finished = True
+        finally:
+            if not finished:  # interrupted: a worker still mid-chunk would answer the next call
+                for worker in busy.values():
+                    worker.kill()
 
-        def dispatch(worker: _Worker) -> None:
-            if not queue:
-                return
-            chunk = queue.pop(0)
-            try:
-                worker.send(chunk)
-            except OSError:  # dead but not yet reaped (is_alive lags a kill): not the chunk's fault
-                worker.pending = []
-                queue.insert(0, chunk)
-                self._replace(worker, busy, queue, deaths, timed_out=False)
-                return
-            busy[worker.conn] = worker
+    def _dispatch(self, worker: _Worker, queue: deque, busy: dict[int, _Worker],
+                  deaths: dict[int, int], timeout_s: float) -> None:
+        if not queue:
+            return
+        chunk = queue.popleft()
+        try:
+            worker.send(chunk, timeout_s)
+        except OSError:  # dead but not yet noticed: not the chunk's fault
+            worker.pending = []
+            queue.appendleft(chunk)
+            self._replace(worker, queue, busy, deaths, timeout_s, timed_out=False)
+            return
+        busy[worker.fd] = worker
 
-        for i, w in enumerate(self._pool):
-            if not w.proc.is_alive():  # died between calls
-                w.kill()
-                self._pool[i] = w = _Worker(self._ctx, self.memory_mb, self.timeout_s)
-                self.restarts += 1
-            dispatch(w)
-        while busy:
-            ready = wait(list(busy), timeout=0.05)
-            for conn in ready:
-                worker = busy[conn]
-                try:
-                    index, verdict = conn.recv()
-                except (EOFError, OSError):  # died, e.g. out of memory
-                    self._replace(worker, busy, queue, deaths, timed_out=False)
-                    continue
-                verdicts[index] = verdict
-                worker.pending = [p for p in worker.pending if p[0] != index]
-                worker.last_progress = time.monotonic()
-                if not worker.pending:
-                    del busy[conn]
-                    dispatch(worker)
-            now = time.monotonic()
-            for worker in list(busy.values()):
-                if now - worker.last_progress > self.timeout_s + 0.5:
-                    self._replace(worker, busy, queue, deaths, timed_out=True)
-                elif not worker.proc.is_alive() and not worker.conn.poll():
-                    self._replace(worker, busy, queue, deaths, timed_out=False)
-
-    def _replace(self, worker: _Worker, busy: dict, queue: list, deaths: dict[int, int],
-                 timed_out: bool) -> None:
+    def _replace(self, worker: _Worker, queue: deque, busy: dict[int, _Worker],
+                 deaths: dict[int, int], timeout_s: float, timed_out: bool) -> None:
         """Replace a stuck or dead worker and requeue its unchecked items.
 
         The item it was on stays False if it overran the time limit, or if a worker already
         died on it once (so an item that kills workers is given up after its second try).
         """
-        busy.pop(worker.conn, None)
+        busy.pop(worker.fd, None)
         worker.kill()
         self.restarts += 1
         rest = worker.pending
-        if rest:
+        if not worker.ready and rest:
+            self._failed_starts += 1
+            if self._failed_starts >= _STARTUP_FAILURES:
+                raise VerifierError(
+                    f"{self._failed_starts} verifier workers in a row died while starting; run "
+                    f"`{sys.executable} -m nftune._verify_worker` to see the error")
+        elif rest:
             head = rest[0][0]
             deaths[head] = deaths.get(head, 0) + 1
             if timed_out or deaths[head] >= 2:
                 rest = rest[1:]
         if rest:
-            queue.insert(0, rest)
-        fresh = _Worker(self._ctx, self.memory_mb, self.timeout_s)
+            queue.appendleft(rest)
+        fresh = _Worker(self.memory_mb)
         self._pool[self._pool.index(worker)] = fresh
-        if queue:
-            fresh.send(queue.pop(0))
-            busy[fresh.conn] = fresh
+        self._dispatch(fresh, queue, busy, deaths, timeout_s)
 
 
-_shared: dict[tuple, Verifier] = {}
+_shared: Verifier | None = None
+_shared_lock = threading.Lock()
 
 
 def verify_batch(responses: Sequence[str], golds: Sequence[str], *, strategy: str = "auto",
@@ -385,15 +463,21 @@ def verify_batch(responses: Sequence[str], golds: Sequence[str], *, strategy: st
                  memory_mb: int = 4096) -> list[bool]:
     """True where the response's extracted answer equals its gold mathematically.
 
-    Uses a shared :class:`Verifier` pool per setting, started on first use and closed at exit.
+    Uses one shared :class:`Verifier` pool, started on first use and closed at exit; strategy
+    and timeout are per call, and a call with another ``workers`` / ``memory_mb`` replaces the
+    pool rather than adding one. Safe to call from several threads.
     """
-    key = (strategy, timeout_s, workers, memory_mb)
-    if key not in _shared:
-        _shared[key] = Verifier(workers, timeout_s, memory_mb, strategy)
-    return _shared[key].verify(responses, golds)
+    global _shared
+    with _shared_lock:
+        pool = _shared
+        if pool is None or (pool.workers, pool.memory_mb) != (_worker_count(workers), memory_mb):
+            if pool is not None:
+                pool.close()
+            pool = _shared = Verifier(workers, timeout_s, memory_mb)
+    return pool.verify(responses, golds, strategy=strategy, timeout_s=timeout_s)
 
 
 @atexit.register
 def _close_shared() -> None:
-    for v in _shared.values():
-        v.close()
+    if _shared is not None:
+        _shared.close()
