@@ -1,8 +1,18 @@
-"""The run directory: atomic checkpoints, their pruning, and the append-only metrics log."""
+"""The run directory: checkpoints (atomic, checksummed, free of pickle), their pruning and
+recovery, and the append-only metrics log.
+
+A checkpoint directory holds a Hugging Face model directory (``model.safetensors``, config,
+tokenizer), the trainer state as ``trainer_state.json`` + ``trainer_state.safetensors`` (its
+tensors), and ``manifest.json`` with the size and SHA-256 of every file. Nothing in it is
+unpickled or executed on resume: a file that does not match the manifest, or a state that does
+not decode, makes the checkpoint unusable and resume falls back to the previous one.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -10,16 +20,134 @@ from typing import Any
 
 import torch
 
+log = logging.getLogger("nftune")
+
+MANIFEST = "manifest.json"
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+MANIFEST_FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used; the message names the directory, file and problem."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer state: JSON for the structure, safetensors for the tensors
+# ---------------------------------------------------------------------------------------------
+
+
+def _encode(value: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON-able form of nested dicts/lists/tuples of numbers, strings and tensors; each tensor
+    becomes ``{"__tensor__": name}`` and goes to ``tensors``."""
+    if isinstance(value, torch.Tensor):
+        tensors[name] = value.detach().cpu().contiguous()
+        return {"__tensor__": name}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, f"{name}.{i}", tensors) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(v, f"{name}.{i}", tensors) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in value):
+            return {k: _encode(v, f"{name}.{k}", tensors) for k, v in value.items()}
+        if not all(isinstance(k, (str, int)) for k in value):
+            raise TypeError(f"{name}: cannot store dict keys of type "
+                            f"{sorted({type(k).__name__ for k in value})}")
+        return {"__items__": [[k, _encode(v, f"{name}.{k}", tensors)] for k, v in value.items()]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"{name}: cannot store a {type(value).__name__} in a checkpoint")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, tensors, where) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if set(value) == {"__tensor__"}:
+        if value["__tensor__"] not in tensors:
+            raise CheckpointError(f"{where}: tensor {value['__tensor__']!r} is missing")
+        return tensors[value["__tensor__"]]
+    if set(value) == {"__tuple__"} and isinstance(value["__tuple__"], list):
+        return tuple(_decode(v, tensors, where) for v in value["__tuple__"])
+    if set(value) == {"__items__"} and isinstance(value["__items__"], list):
+        if not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], (str, int))
+                   for p in value["__items__"]):
+            raise CheckpointError(f"{where}: malformed '__items__'")
+        return {k: _decode(v, tensors, where) for k, v in value["__items__"]}
+    if any(k.startswith("__") for k in value):
+        raise CheckpointError(f"{where}: unknown tag in {sorted(value)}")
+    return {k: _decode(v, tensors, where) for k, v in value.items()}
+
+
+def save_state(directory: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` as trainer_state.json + trainer_state.safetensors."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    encoded = _encode(state, "state", tensors)
+    save_file(tensors, str(directory / STATE_TENSORS))
+    (directory / STATE_JSON).write_text(json.dumps(encoded), encoding="utf-8")
+
+
+def load_state(directory: Path) -> dict[str, Any]:
+    """The trainer state saved by :func:`save_state`; no pickle, no code."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    where = str(directory / STATE_JSON)
+    try:
+        tensors = load_file(str(directory / STATE_TENSORS))
+        encoded = json.loads((directory / STATE_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError, SafetensorError) as err:
+        raise CheckpointError(f"{directory}: cannot read the trainer state ({err})") from None
+    state = _decode(encoded, tensors, where)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where}: expected an object")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving, checking and finding checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a directory entry to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 def save_checkpoint(directory: Path, model, tokenizer, state: dict[str, Any]) -> None:
-    """Write a HF model dir + trainer state into a temp dir, then rename it into place."""
+    """Write a HF model dir, the trainer state and the manifest into a temp dir, flush it to
+    disk, then rename it into place: a crash leaves the previous checkpoint intact."""
     tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    torch.save(state, tmp / "trainer_state.pt")
+    save_state(tmp, state)
+    files = {}
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        _fsync(path)
+        files[path.relative_to(tmp).as_posix()] = {"bytes": path.stat().st_size,
+                                                   "sha256": _sha256(path)}
+    (tmp / MANIFEST).write_text(json.dumps({"format": MANIFEST_FORMAT, "files": files},
+                                           indent=1))
+    _fsync(tmp / MANIFEST)
+    _fsync(tmp)
     if directory.exists():
         old = directory.with_name(f".old-{directory.name}-{os.getpid()}")
         directory.rename(old)
@@ -27,20 +155,90 @@ def save_checkpoint(directory: Path, model, tokenizer, state: dict[str, Any]) ->
         shutil.rmtree(old)
     else:
         tmp.rename(directory)
+    _fsync(directory.parent)
+
+
+def check_checkpoint(directory: Path) -> None:
+    """Raise :class:`CheckpointError` unless every file the manifest lists is there with its
+    size and SHA-256 (a torn write, a truncated or bit-flipped file, a replaced file)."""
+    manifest = directory / MANIFEST
+    if not manifest.exists():
+        raise CheckpointError(f"{directory}: no {MANIFEST} (not written by this nftune, or "
+                              "cut off while saving)")
+    try:
+        listed = json.loads(manifest.read_text())
+    except ValueError:
+        listed = None
+    files = listed.get("files") if isinstance(listed, dict) else None
+    if listed is None or listed.get("format") != MANIFEST_FORMAT or not isinstance(files, dict) \
+            or not all(isinstance(v, dict) for v in files.values()):
+        raise CheckpointError(f"{manifest}: not a valid manifest")
+    for name in ("model.safetensors", STATE_JSON, STATE_TENSORS):
+        if name not in files and not (name == "model.safetensors" and any(
+                f.startswith("model-") and f.endswith(".safetensors") for f in files)):
+            raise CheckpointError(f"{manifest}: does not list {name}")
+    for name, expected in files.items():
+        path = directory / name
+        if ".." in Path(name).parts or not path.is_file():
+            raise CheckpointError(f"{path}: missing")
+        size = path.stat().st_size
+        if size != expected.get("bytes"):
+            raise CheckpointError(f"{path}: {size} bytes, the manifest says "
+                                  f"{expected.get('bytes')} (truncated or replaced)")
+        if _sha256(path) != expected.get("sha256"):
+            raise CheckpointError(f"{path}: SHA-256 differs from the manifest (corrupted)")
+
+
+def _step_dirs(output_dir: Path) -> list[tuple[int, Path]]:
+    return sorted((int(p.name.split("-", 1)[1]), p)
+                  for p in (output_dir / "checkpoints").glob("step-*")
+                  if p.is_dir() and p.name.split("-", 1)[1].isdigit())
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    found = [(int(p.name.split("-")[1]), p) for p in (output_dir / "checkpoints").glob("step-*")
-             if p.name.split("-")[1].isdigit() and (p / "trainer_state.pt").exists()]
-    return max(found)[1] if found else None
+    """The newest checkpoint that passes :func:`check_checkpoint`; each damaged newer one is
+    reported (logged as a warning) and skipped. None if there is no checkpoint at all;
+    :class:`CheckpointError` if there are some and none is intact."""
+    found = _step_dirs(output_dir)
+    problems = []
+    for _, path in reversed(found):
+        try:
+            check_checkpoint(path)
+        except CheckpointError as err:
+            problems.append(str(err))
+            log.warning("checkpoint %s is unusable: %s; trying the one before", path.name, err)
+            continue
+        if problems:
+            log.warning("resuming from %s, the newest intact checkpoint", path)
+        return path
+    if problems:
+        raise CheckpointError(f"{output_dir}: no intact checkpoint to resume from: "
+                              + "; ".join(problems))
+    return None
 
 
 def prune_checkpoints(output_dir: Path, keep: int) -> None:
-    found = sorted((int(p.name.split("-")[1]), p)
-                   for p in (output_dir / "checkpoints").glob("step-*")
-                   if p.name.split("-")[1].isdigit())
-    for _, path in found[: max(0, len(found) - keep)]:
+    """Delete all but the newest ``keep`` (at least 1) step checkpoints."""
+    found = _step_dirs(output_dir)
+    for _, path in found[: max(0, len(found) - max(1, keep))]:
         shutil.rmtree(path)
+
+
+def remove_stale(output_dir: Path) -> None:
+    """Clear what a crash mid-save leaves: ``.tmp-*`` directories are dropped; an ``.old-*``
+    one is dropped if its replacement is in place, else moved back."""
+    for parent in (output_dir, output_dir / "checkpoints"):
+        if not parent.is_dir():
+            continue
+        for path in parent.glob(".tmp-*"):
+            shutil.rmtree(path, ignore_errors=True)
+        for path in parent.glob(".old-*"):
+            name = path.name[len(".old-"):].rsplit("-", 1)[0]
+            target = parent / name
+            if target.exists():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.rename(target)
 
 
 class MetricsLog:
@@ -78,11 +276,24 @@ class MetricsLog:
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """On resume, drop metric lines of steps after the checkpoint (they will be redone)."""
+    """On resume, drop metric lines of steps after the checkpoint (they will be redone). A torn
+    last line (a crash mid-write) is dropped with a warning; a bad line before it is an error."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = []
+    for n, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if n == len(lines):
+                log.warning("%s: dropped a torn last line (%d characters)", path, len(line))
+                break
+            raise ValueError(f"{path}: line {n} is not JSON; fix or remove it") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: line {n} is not a JSON object")
+        if row.get("step", 0) <= last_step:
+            keep.append(line)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(path)

@@ -17,6 +17,10 @@ def cmd_objectives(args: argparse.Namespace) -> int:
 
     from nftune.objectives import OBJECTIVES, compute_loss
 
+    if args.k < 2:
+        raise UserError(f"--k: a group needs at least 2 answers, got {args.k}")
+    if not 0 < args.r_hat < 1:
+        raise UserError(f"--r-hat: must be in (0, 1), got {args.r_hat}")
     k, t = args.k, 4
     n_correct = max(1, min(k - 1, round(args.r_hat * k)))
     correct = torch.tensor([1.0] * n_correct + [0.0] * (k - n_correct), dtype=torch.float64)
@@ -87,7 +91,9 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         if value is not None:
             overrides[key] = value
     cfg = build_config(args.config, overrides)
-    final = train(cfg, resume=args.resume, progress=not args.no_progress)
+    args.output_dir = cfg.output_dir  # for the interrupt message
+    final = train(cfg, resume=args.resume, progress=not args.no_progress,
+                  allow_changes=args.allow_changes)
     print(f"done: final model in {final}")
     return 0
 
@@ -126,6 +132,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if bool(args.model) == bool(args.responses):
         raise UserError("give exactly one of --model or --responses")
     names = [n.strip() for n in (args.benchmarks or ",".join(PAPER_BENCHMARKS)).split(",")]
+    output = Path(args.output or "eval_results")
+    try:  # fail now, not after an hour of grading
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--output: cannot write under {output.parent} ({err.strerror})") from None
+    if not os.access(output.parent, os.W_OK):
+        raise UserError(f"--output: {output.parent} is not writable")
     data_dir = args.data_dir or os.environ.get("NFTUNE_DATA_DIR")
     results = []
     started = time.perf_counter()
@@ -176,7 +189,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if generate_s:
         print(f"generation: {answers} answers, {tokens} tokens in {generate_s:.1f} s "
               f"({answers / generate_s:,.1f} answers/s, {tokens / generate_s:,.0f} tokens/s)")
-    output = Path(args.output or "eval_results")
     json_path, md_path = write_eval_outputs(results, output, title, settings)
     print(f"per-item results: {json_path} and {md_path} "
           f"({time.perf_counter() - started:.0f} s in all)")
@@ -335,7 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", help="rollout steps")
     p.add_argument("--output-dir", dest="output_dir", help="run directory")
     p.add_argument("--seed", help="seed")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest intact checkpoint in the output dir")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: accept changes to keys that are safe to change "
+                        "(steps, save_every, eval settings, device, ...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train, takes_extra=True)
 
@@ -367,6 +383,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resume_hint(args: argparse.Namespace) -> str:
+    """After Ctrl-C: where the run stands and how to go on (one line)."""
+    if args.command != "train" or not getattr(args, "output_dir", None):
+        return ""
+    from pathlib import Path
+
+    out = Path(args.output_dir)
+    steps = sorted((int(p.name[5:]), p) for p in (out / "checkpoints").glob("step-*")
+                   if p.name[5:].isdigit() and (p / "manifest.json").exists())
+    if not steps:
+        return f"No checkpoint was written yet in {out}."
+    return (f"Last checkpoint: {steps[-1][1]} (step {steps[-1][0]}); continue with: "
+            f"nftune train --config {out / 'config.yaml'} --resume")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -382,6 +413,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "takes_extra", False):
             return int(args.func(args, extra) or 0)
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"nftune {args.command}: interrupted. {_resume_hint(args)}", file=sys.stderr)
+        return 130
     except (UserError, OSError, ValueError) as err:
         if args.debug:
             raise

@@ -17,6 +17,15 @@ import yaml
 ALGOS = ("nft", "rft", "grpo", "dr_grpo", "dapo", "infonca")
 
 
+# where and on what a run executes: free to differ on resume (a run directory can move)
+RESUME_FREE_KEYS = ("output_dir", "data_dir", "device", "verify_workers")
+# may change on resume with --allow-changes: bookkeeping and evaluation, never what is trained;
+# steps only with a constant learning rate (the cosine schedule depends on it)
+RESUME_SAFE_KEYS = ("steps", "save_every", "keep_checkpoints", "eval_every", "eval_data",
+                    "eval_limit", "eval_k", "eval_temperature", "eval_top_p",
+                    "eval_max_new_tokens", "report_to", "verify_timeout_s")
+
+
 def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
@@ -113,6 +122,22 @@ class TrainConfig:
         if self.overlong_shaping is None:
             self.overlong_shaping = self.algo == "dapo"
         checks = [
+            (self.steps >= 1, f"steps: must be at least 1, got {self.steps}"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints: must be at least 1 (0 would delete "
+                                         "every checkpoint as it is written)"),
+            (self.save_every >= 0, "save_every: must be 0 (only final/) or more"),
+            (self.eval_every >= 0, "eval_every: must be 0 (never) or more"),
+            (self.gen_batch_size >= 1, "gen_batch_size: must be at least 1"),
+            (self.micro_batch_tokens >= 1, "micro_batch_tokens: must be at least 1"),
+            (self.max_gen_batches >= 1, "max_gen_batches: must be at least 1"),
+            (self.warmup_steps >= 0, "warmup_steps: must be 0 or more"),
+            (self.lr >= 0, "lr: must not be negative"),
+            (self.temperature > 0, "temperature: must be positive"),
+            (0 < self.top_p <= 1, "top_p: must be in (0, 1]"),
+            (self.top_k >= 0, "top_k: must be 0 (off) or more"),
+            (self.verify_timeout_s > 0, "verify_timeout_s: must be positive"),
+            (self.eval_k >= 1, "eval_k: must be at least 1"),
+            (self.max_nan_steps >= 1, "max_nan_steps: must be at least 1"),
             (self.answers_per_prompt >= 2, "answers_per_prompt: needs at least 2 answers"),
             (self.prompts_per_step >= 1, "prompts_per_step: must be at least 1"),
             (1 <= self.minibatches <= self.prompts_per_step,
@@ -143,6 +168,28 @@ class TrainConfig:
             "dapo": {"clip_low": self.clip_low, "clip_high": self.clip_high},
             "infonca": {"beta": self.beta, "sft_coef": self.sft_coef},
         }[self.algo]
+
+    def check_resume(self, saved: dict[str, Any], allow_changes: bool = False) -> list[str]:
+        """Compare with the config a checkpoint was saved under. Returns the keys that changed
+        (each safe to change on resume, allowed by ``allow_changes``); raises ValueError naming
+        every changed key otherwise."""
+        now = {k: v for k, v in self.to_dict().items() if k not in RESUME_FREE_KEYS}
+        changed = [k for k in now if k in saved and saved[k] != now[k]]
+        changed += [k for k in saved if k not in now and k not in RESUME_FREE_KEYS]
+        if not changed:
+            return []
+        safe = set(RESUME_SAFE_KEYS) - ({"steps"} if self.lr_schedule != "constant" else set())
+        show = ", ".join(f"{k} ({saved.get(k)!r} → {now.get(k)!r})" for k in changed)
+        unsafe = [k for k in changed if k not in safe]
+        if unsafe:
+            raise ValueError(
+                f"--resume: the run was trained with another config; changed: {show}. "
+                f"{', '.join(unsafe)} cannot change on resume (the run would no longer be the "
+                "one config.yaml describes); start a new run in another --output-dir")
+        if not allow_changes:
+            raise ValueError(f"--resume: changed: {show}. These may change on resume: pass "
+                             "--allow-changes to accept them")
+        return changed
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -17,8 +17,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nftune.verify import MAX_ANSWER_CHARS
+
 DATA_DIR_ENV = "NFTUNE_DATA_DIR"
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+# the longest problem of the six benchmarks and DAPO-Math-17k is 4,507 characters; a far longer
+# one is a broken row (and a 50 MB prompt would take the tokenizer down with it)
+MAX_PROBLEM_CHARS = 20_000
+
 
 
 @dataclass(frozen=True)
@@ -239,6 +245,11 @@ def _normalise(row: Any, spec: HubSet, origin: str, n: int) -> Question:
         answer = str(answer)
     if not answer.strip():
         raise ValueError(f"{where}: field 'answer' is empty")
+    for name, text, limit in (("problem", problem, MAX_PROBLEM_CHARS),
+                              ("answer", answer, MAX_ANSWER_CHARS)):
+        if len(text) > limit:
+            raise ValueError(f"{where}: field '{name}' is {len(text):,} characters; the limit is "
+                             f"{limit:,}")
     return Question(str(rid), problem, answer.strip(), str(source))
 
 

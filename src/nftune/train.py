@@ -25,9 +25,12 @@ from typing import Any
 import torch
 
 from nftune.checkpoint import (
+    CheckpointError,
     MetricsLog,
     latest_checkpoint,
+    load_state,
     prune_checkpoints,
+    remove_stale,
     save_checkpoint,
     truncate_metrics,
 )
@@ -65,10 +68,11 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_policy(path: str, device: torch.device):
+def load_policy(path: str, device: torch.device, safetensors_only: bool = False):
     """The causal LM and its tokenizer. Character-level tokenizers saved as
     ``PreTrainedTokenizerFast`` are loaded as such (``AutoTokenizer`` would swap a qwen2
-    directory's tokenizer for the byte-level Qwen one)."""
+    directory's tokenizer for the byte-level Qwen one). ``safetensors_only`` (for checkpoints
+    nftune wrote) never reads a pickle-based weights file that may sit beside them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 
@@ -88,7 +92,8 @@ def load_policy(path: str, device: torch.device):
             if declared in ("PreTrainedTokenizerFast", "TokenizersBackend"):
                 tok_class = PreTrainedTokenizerFast
         tokenizer = tok_class.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, **({"use_safetensors": True} if safetensors_only else {}))
     except OSError as err:
         raise FileNotFoundError(f"model: cannot load {path} ({err})") from None
     if tokenizer.eos_token_id is None:
@@ -333,12 +338,39 @@ def make_scheduler(optimizer, cfg: TrainConfig):
 # ---------------------------------------------------------------------------------------------
 
 
-def _setup_logging(output_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(output_dir / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
+def _setup_logging(output_dir: Path) -> list[logging.Handler]:
+    """Everything to train.log; warnings also to the console."""
+    file_handler = logging.FileHandler(output_dir / "train.log")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    console = logging.StreamHandler()
+    console.setLevel(logging.WARNING)
+    console.setFormatter(logging.Formatter("nftune: warning: %(message)s"))
+    for handler in (file_handler, console):
+        log.addHandler(handler)
     log.setLevel(logging.INFO)
-    return handler
+    return [file_handler, console]
+
+
+def _restore(state: dict[str, Any], checkpoint: Path, optimizer, scheduler,
+             sampler: PromptSampler) -> tuple[int, int]:
+    """Load a checkpoint's trainer state into the run; returns (step, NaN streak). Any value of
+    the wrong kind is a :class:`CheckpointError` naming the checkpoint."""
+    try:
+        step, nan_streak = state["step"], state["nan_streak"]
+        if not (isinstance(step, int) and isinstance(nan_streak, int) and step >= 0):
+            raise TypeError("step and nan_streak must be non-negative integers")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict({k: int(v) for k, v in state["sampler"].items()})
+        rng = state["rng"]["torch"]
+        if not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8):
+            raise TypeError("rng.torch must be a uint8 tensor")
+        torch.set_rng_state(rng)  # sampling is also reseeded every step
+        random.setstate(state["rng"]["python"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        raise CheckpointError(f"{checkpoint}: trainer state does not fit this run "
+                              f"({type(err).__name__}: {err})") from None
+    return step, nan_streak
 
 
 def _evaluate(model, tokenizer, eval_sets, verifier_for, cfg: TrainConfig) -> dict[str, float]:
@@ -355,27 +387,47 @@ def _evaluate(model, tokenizer, eval_sets, verifier_for, cfg: TrainConfig) -> di
     return out
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Run Algorithm 1 as configured; returns the final model directory."""
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
+          allow_changes: bool = False) -> Path:
+    """Run Algorithm 1 as configured; returns the final model directory.
+
+    ``resume`` continues from the newest intact checkpoint in ``cfg.output_dir`` (damaged ones
+    are reported and skipped); the config must be the one the run was started with, except for
+    the keys of ``RESUME_SAFE_KEYS`` when ``allow_changes`` is set."""
     from tqdm.auto import tqdm
 
     cfg.resolve()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    handler = _setup_logging(out)
-    device = pick_device(cfg.device)
-    checkpoint = latest_checkpoint(out) if resume else None
-    if resume and checkpoint is None:
-        log.warning("--resume: no checkpoint in %s; starting from the beginning", out)
     # everything opened below is closed in reverse order however the run ends
     cleanup = contextlib.ExitStack()
-    cleanup.callback(handler.close)
-    cleanup.callback(log.removeHandler, handler)
+    for handler in _setup_logging(out):
+        cleanup.callback(handler.close)
+        cleanup.callback(log.removeHandler, handler)
     try:
+        device = pick_device(cfg.device)
+        remove_stale(out)
+        checkpoint, state = None, None
+        if resume:
+            checkpoint = latest_checkpoint(out)
+            if checkpoint is None:
+                log.warning("--resume: no checkpoint in %s; starting from the beginning", out)
+            else:
+                state = load_state(checkpoint)
+                changed = cfg.check_resume(state.get("config") or {}, allow_changes)
+                if changed:
+                    log.warning("--resume: changed on resume: %s", ", ".join(changed))
         verifier = cleanup.enter_context(Verifier(cfg.verify_workers, cfg.verify_timeout_s,
                                                   strategy=strategy_for(cfg.template)))
         verifier.start_in_background()  # its warm-up overlaps loading the model and data
-        model, tokenizer = load_policy(str(checkpoint) if checkpoint else cfg.model, device)
+        if checkpoint is None:
+            model, tokenizer = load_policy(cfg.model, device)
+        else:
+            try:
+                model, tokenizer = load_policy(str(checkpoint), device, safetensors_only=True)
+            except Exception as err:  # noqa: BLE001 — whatever the file holds, name the checkpoint
+                raise CheckpointError(f"{checkpoint}: cannot load the model "
+                                      f"({type(err).__name__}: {err})") from None
         questions = load_questions(cfg.train_data, data_dir=cfg.data_dir, limit=cfg.train_limit)
         eval_sets = {}
         if cfg.eval_every and cfg.eval_data:
@@ -388,13 +440,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         scheduler = make_scheduler(optimizer, cfg)
         start_step, nan_streak = 0, 0
         if checkpoint is not None:
-            state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            sampler.load_state_dict(state["sampler"])
-            start_step, nan_streak = state["step"], state["nan_streak"]
-            torch.set_rng_state(state["rng"]["torch"])  # sampling is also reseeded every step
-            random.setstate(state["rng"]["python"])
+            start_step, nan_streak = _restore(state, checkpoint, optimizer, scheduler, sampler)
             truncate_metrics(out / "metrics.jsonl", start_step)
             log.info("resumed from %s", checkpoint)
         cfg.save(out / "config.yaml")
