@@ -133,10 +133,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError("give exactly one of --model or --responses")
     names = [n.strip() for n in (args.benchmarks or ",".join(PAPER_BENCHMARKS)).split(",")]
     output = Path(args.output or "eval_results")
-    try:  # fail now, not after an hour of grading
+    blocker = next((p for p in output.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():  # fail now, not after an hour of grading
+        raise UserError(f"--output: {blocker} is a file, not a directory")
+    try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise UserError(f"--output: cannot write under {output.parent} ({err.strerror})") from None
+        raise UserError(f"--output: cannot create {output.parent} ({err.strerror})") from None
     if not os.access(output.parent, os.W_OK):
         raise UserError(f"--output: {output.parent} is not writable")
     data_dir = args.data_dir or os.environ.get("NFTUNE_DATA_DIR")
