@@ -49,7 +49,7 @@ def test_quick_demo_end_to_end(tmp_path):
                            "--no-progress"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["base_built"] and summary["steps"] == 4
+    assert summary["base_origin"] == "built" and summary["steps"] == 4
     for key in ("sampled", "greedy"):
         assert 0.0 <= summary["after"][key] <= 1.0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -58,3 +58,55 @@ def test_quick_demo_end_to_end(tmp_path):
     assert (out / "curves.png").stat().st_size > 10_000
     assert "held-out" in (out / "report.md").read_text().lower()
     assert "held-out accuracy" in done.stdout
+
+
+def test_paired_gain_by_hand():
+    from nftune.demo import paired_gain
+    from nftune.evaluate import EvalResult
+
+    def result(rows):
+        return EvalResult("t", k=2, avg_at_k=0, pass_at_k=0, questions=len(rows),
+                          items=[{"correct": r} for r in rows])
+
+    before = result([[False, False], [True, False], [True, True]])
+    after = result([[True, False], [True, True], [True, True]])
+    # per-question differences 0.5, 0.5, 0: mean 1/3, sample variance 1/12, s.e. sqrt(1/36)
+    gain, se = paired_gain(before, after)
+    assert abs(gain - 1 / 3) < 1e-12 and abs(se - 1 / 6) < 1e-12
+
+
+def test_shipped_base_is_intact_and_scores_its_documented_accuracy():
+    import torch
+
+    from nftune.demo import DemoSettings, _evaluate_both
+    from nftune.tasks.base_model import INFO_FILE, SHIPPED_DIR, check_base_dir, shipped_spec
+    from nftune.train import load_policy
+
+    settings = DemoSettings()
+    assert shipped_spec() == settings.base  # the demo starts from the shipped weights
+    info = check_base_dir(SHIPPED_DIR)
+    assert set(info["sha256"]) >= {"model.safetensors", "config.json", "tokenizer.json"}
+    assert (SHIPPED_DIR / INFO_FILE).exists()
+    model, tokenizer = load_policy(str(SHIPPED_DIR), torch.device("cpu"))
+    test = make_questions(settings.test_questions, "test", 0, settings.base.level)
+    with Verifier(workers=2) as v:
+        measured = _evaluate_both(model, tokenizer, test, settings, v)
+    for kind in ("sampled", "greedy"):  # another CPU may round differently: within 1 point
+        assert abs(measured[kind].avg_at_k - info["accuracy"][kind]) <= 0.01, kind
+
+
+def test_a_damaged_base_is_refused(tmp_path):
+    import shutil
+
+    import pytest
+
+    from nftune.tasks.base_model import SHIPPED_DIR, check_base_dir
+
+    copy = tmp_path / "base"
+    shutil.copytree(SHIPPED_DIR, copy)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="model.safetensors: SHA-256 differs"):
+        check_base_dir(copy)

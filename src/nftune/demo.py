@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,15 @@ from nftune.verify import Verifier
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Chosen once for all algorithms; not tuned per algorithm."""
+    """Chosen once for all algorithms; not tuned per algorithm (docs/demo.md says how)."""
 
     base: BaseSpec = BaseSpec()
     train_questions: int = 4000
-    test_questions: int = 200
-    eval_k: int = 4  # sampled answers per test question (temperature 1)
+    test_questions: int = 500
+    eval_k: int = 8  # sampled answers per test question (temperature 1)
+    eval_seed: int = 1234  # before and after are sampled with the same seed, for every run
+    curve_questions: int = 200  # the held-out curve during training: first N test questions
+    curve_k: int = 2
     steps: int = 80
     prompts_per_step: int = 64
     answers_per_prompt: int = 8
@@ -43,8 +46,8 @@ class DemoSettings:
 
 QUICK = DemoSettings(
     base=BaseSpec(level=1, hidden=48, layers=2, sft_steps=200, train_problems=600, noise=0.2),
-    train_questions=500, test_questions=48, eval_k=2, steps=4, prompts_per_step=16,
-    answers_per_prompt=4, max_new_tokens=24, warmup_steps=1, eval_every=2)
+    train_questions=500, test_questions=48, eval_k=2, curve_questions=48, steps=4,
+    prompts_per_step=16, answers_per_prompt=4, max_new_tokens=24, warmup_steps=1, eval_every=2)
 
 
 def default_cache_dir() -> Path:
@@ -59,12 +62,25 @@ def _write_split(path: Path, questions) -> None:
 
 def _evaluate_both(model, tokenizer, questions, settings: DemoSettings, verifier: Verifier
                    ) -> dict[str, EvalResult]:
+    """Sampled (avg@eval_k, temperature 1) and greedy accuracy, sampled with a fixed seed."""
     common = dict(max_new_tokens=settings.max_new_tokens, template=TEMPLATE, verifier=verifier,
                   batch_size=256)
+    torch.manual_seed(settings.eval_seed)
     return {"sampled": evaluate_questions(model, tokenizer, questions, k=settings.eval_k,
                                           temperature=1.0, **common),
             "greedy": evaluate_questions(model, tokenizer, questions, k=1, temperature=0.0,
                                          **common)}
+
+
+def paired_gain(before: EvalResult, after: EvalResult) -> tuple[float, float]:
+    """(gain, its standard error) from the per-question differences of accuracy: the same
+    questions before and after, so question difficulty cancels out."""
+    diffs = [sum(a["correct"]) / len(a["correct"]) - sum(b["correct"]) / len(b["correct"])
+             for b, a in zip(before.items, after.items, strict=True)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / max(1, n - 1)
+    return mean, (var / n) ** 0.5
 
 
 def plot_run(metrics: list[dict[str, Any]], out: Path, title: str) -> Path:
@@ -98,17 +114,17 @@ def plot_run(metrics: list[dict[str, Any]], out: Path, title: str) -> Path:
 
 def run_demo(algo: str = "nft", steps: int | None = None, quick: bool = False, seed: int = 0,
              output_dir: str = "runs/demo", cache_dir: str | None = None, rebuild: bool = False,
-             level: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run the whole demo; returns the numbers of the report."""
+             level: int | None = None, progress: bool = True, base_seed: int | None = None,
+             overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the whole demo; returns the numbers of the report. ``base_seed`` builds (or takes
+    from the cache) another base than the shipped one; ``overrides`` replaces settings fields
+    (for choosing settings, see benchmarks/demo_bases.py)."""
     from tqdm.auto import tqdm
 
     settings = QUICK if quick else DemoSettings()
-    if level is not None:
-        settings = DemoSettings(**{**asdict(settings), "base": BaseSpec(
-            **{**asdict(settings.base), "level": level})})
-    if steps is not None:
-        settings = DemoSettings(**{**asdict(settings), "steps": steps,
-                                   "base": settings.base})
+    base_changes = {k: v for k, v in (("level", level), ("seed", base_seed)) if v is not None}
+    changes = {**(overrides or {}), **({"steps": steps} if steps is not None else {})}
+    settings = replace(settings, base=replace(settings.base, **base_changes), **changes)
     torch.manual_seed(seed)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,22 +137,22 @@ def run_demo(algo: str = "nft", steps: int | None = None, quick: bool = False, s
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
 
-    base_dir, built = cached_base_model(cache_dir or default_cache_dir(), settings.base,
-                                        rebuild=rebuild, progress=sft_progress)
+    base_dir, origin = cached_base_model(cache_dir or default_cache_dir(), settings.base,
+                                         rebuild=rebuild, progress=sft_progress)
     bar.close()
     base_seconds = time.perf_counter() - started
-    print(f"base model: {base_dir} ({'built' if built else 'cached'}, {base_seconds:.0f} s)")
+    print(f"base model: {base_dir} ({origin}, {base_seconds:.0f} s)")
 
     level_ = settings.base.level
     train_qs = make_questions(settings.train_questions, "train", 0, level_)
     test_qs = make_questions(settings.test_questions, "test", 0, level_)
     _write_split(out / "train.jsonl", train_qs)
     _write_split(out / "test.jsonl", test_qs)
+    _write_split(out / "curve.jsonl", test_qs[: settings.curve_questions])
 
     verifier = Verifier(workers=min(2, os.cpu_count() or 1), strategy="auto")
     try:
         model, tokenizer = load_policy(str(base_dir), torch.device("cpu"))
-        torch.manual_seed(seed)
         before = _evaluate_both(model, tokenizer, test_qs, settings, verifier)
         del model
         print(f"base: held-out accuracy {before['sampled'].avg_at_k:.1%} sampled "
@@ -150,8 +166,8 @@ def run_demo(algo: str = "nft", steps: int | None = None, quick: bool = False, s
             max_new_tokens=settings.max_new_tokens, lr=settings.lr,
             warmup_steps=settings.warmup_steps,
             minibatches=settings.minibatches, gen_batch_size=256, save_every=0,
-            eval_every=settings.eval_every, eval_data=str(out / "test.jsonl"),
-            eval_k=settings.eval_k, eval_temperature=1.0, verify_workers=verifier.workers))
+            eval_every=settings.eval_every, eval_data=str(out / "curve.jsonl"),
+            eval_k=settings.curve_k, eval_temperature=1.0, verify_workers=verifier.workers))
         run_dir = out / "run"
         if run_dir.exists():
             import shutil
@@ -162,7 +178,6 @@ def run_demo(algo: str = "nft", steps: int | None = None, quick: bool = False, s
         train_seconds = time.perf_counter() - train_started
 
         model, tokenizer = load_policy(str(final_dir), torch.device("cpu"))
-        torch.manual_seed(seed + 1)
         after = _evaluate_both(model, tokenizer, test_qs, settings, verifier)
     finally:
         verifier.close()
@@ -172,7 +187,8 @@ def run_demo(algo: str = "nft", steps: int | None = None, quick: bool = False, s
     (out / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
     summary = {
         "algo": algo, "seed": seed, "quick": quick, "level": level_,
-        "base_built": built, "base_seconds": round(base_seconds, 1),
+        "base_seed": settings.base.seed, "base_origin": origin,
+        "base_built": origin == "built", "base_seconds": round(base_seconds, 1),
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
         "before": {k: v.avg_at_k for k, v in before.items()},
@@ -180,12 +196,17 @@ def run_demo(algo: str = "nft", steps: int | None = None, quick: bool = False, s
         "eval_k": settings.eval_k, "test_questions": len(test_qs), "steps": settings.steps,
         "settings": asdict(settings),
     }
-    summary["gain"] = {k: summary["after"][k] - summary["before"][k] for k in before}
+    paired = {k: paired_gain(before[k], after[k]) for k in before}
+    summary["gain"] = {k: g for k, (g, _) in paired.items()}
+    summary["gain_se"] = {k: se for k, (_, se) in paired.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     write_report(out / "report.md", summary, plot.name)
+    gain, se = summary["gain"], summary["gain_se"]
     print(f"{algo}: held-out accuracy {before['sampled'].avg_at_k:.1%} → "
-          f"{after['sampled'].avg_at_k:.1%} sampled (avg@{settings.eval_k}), "
-          f"{before['greedy'].avg_at_k:.1%} → {after['greedy'].avg_at_k:.1%} greedy; "
+          f"{after['sampled'].avg_at_k:.1%} sampled (avg@{settings.eval_k}; gain "
+          f"{100 * gain['sampled']:+.1f} ± {100 * se['sampled']:.1f} points), "
+          f"{before['greedy'].avg_at_k:.1%} → {after['greedy'].avg_at_k:.1%} greedy "
+          f"({100 * gain['greedy']:+.1f} ± {100 * se['greedy']:.1f}); "
           f"{summary['total_seconds']:.0f} s in all")
     print(f"report: {out / 'report.md'}")
     return summary
@@ -194,7 +215,8 @@ def run_demo(algo: str = "nft", steps: int | None = None, quick: bool = False, s
 def write_report(path: Path, s: dict[str, Any], plot_name: str) -> None:
     rows = "\n".join(
         f"| {name} | {s['before'][name]:.1%} | {s['after'][name]:.1%} | "
-        f"{s['gain'][name] * 100:+.1f} |" for name in ("sampled", "greedy"))
+        f"{s['gain'][name] * 100:+.1f} ± {s['gain_se'][name] * 100:.1f} |"
+        for name in ("sampled", "greedy"))
     path.write_text(f"""# nftune demo report
 
 Algorithm **{s['algo']}**, seed {s['seed']}, arithmetic level {s['level']},
@@ -202,13 +224,14 @@ Algorithm **{s['algo']}**, seed {s['seed']}, arithmetic level {s['level']},
 
 Held-out test split: {s['test_questions']} questions never seen in training.
 "sampled" is the mean accuracy of {s['eval_k']} answers per question at temperature 1
-(avg@{s['eval_k']}); "greedy" is one answer at temperature 0.
+(avg@{s['eval_k']}); "greedy" is one answer at temperature 0. The gain's ± is the standard
+error of the mean per-question difference (the same questions before and after).
 
-| accuracy | base | after {s['algo']} | gain (points) |
+| accuracy | base | after {s['algo']} | gain (points ± s.e.) |
 |---|---|---|---|
 {rows}
 
-Time: base model {s['base_seconds']:.0f} s ({'built' if s['base_built'] else 'cached'}),
+Time: base model {s['base_seconds']:.0f} s ({s['base_origin']}),
 training {s['train_seconds']:.0f} s, {s['total_seconds']:.0f} s in all.
 
 ![curves]({plot_name})

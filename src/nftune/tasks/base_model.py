@@ -1,8 +1,16 @@
 """The demo's base model: a tiny Qwen2 taught the arithmetic task by a short supervised warm-up
-on noisy worked solutions, saved as a normal HF model directory and cached."""
+on noisy worked solutions, saved as a normal HF model directory.
+
+The default base ships inside the package (``demo_base/``, 1.7 MB) with the SHA-256 of each
+file, checked at load: the warm-up amplifies floating-point rounding, so two machines building
+"the same" base get different models (measured: greedy accuracy 16–48% for one spec). Other
+specs, and ``--rebuild``, are built here and cached under a key of the spec and of the code
+that builds them.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -17,6 +25,8 @@ from nftune.tasks.arithmetic import make_problems
 from nftune.tasks.tiny_model import char_tokenizer, save_model_dir, tiny_qwen2
 
 TEMPLATE = "raw"  # the prompt is the expression itself; the solution starts on the next line
+SHIPPED_DIR = Path(__file__).with_name("demo_base")
+INFO_FILE = "nftune_base.json"
 
 
 @dataclass(frozen=True)
@@ -82,19 +92,58 @@ def build_base_model(path: str | Path, spec: BaseSpec = BaseSpec(), progress=Non
     if tmp.exists():
         shutil.rmtree(tmp)
     save_model_dir(model, tokenizer, tmp)
-    (tmp / "nftune_base.json").write_text(json.dumps(
-        {"spec": asdict(spec), "sft_seconds": round(time.perf_counter() - start, 1)}, indent=2))
+    (tmp / INFO_FILE).write_text(json.dumps(
+        {"spec": asdict(spec), "sft_seconds": round(time.perf_counter() - start, 1),
+         "code": _code_hash(), "sha256": _file_hashes(tmp)}, indent=2))
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)
     return path
 
 
+def _code_hash() -> str:
+    """Hash of the code that builds a base: a cached base is rebuilt when it changes."""
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in ("base_model.py", "arithmetic.py", "tiny_model.py"):
+        digest.update((here / name).read_bytes())
+    return digest.hexdigest()[:10]
+
+
+def _file_hashes(path: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.iterdir()) if p.is_file() and p.name != INFO_FILE}
+
+
+def shipped_spec() -> BaseSpec:
+    return BaseSpec(**json.loads((SHIPPED_DIR / INFO_FILE).read_text())["spec"])
+
+
+def check_base_dir(path: Path) -> dict:
+    """The base's info (spec, file hashes, measured accuracy); ValueError naming the file if a
+    file is missing or differs from its recorded SHA-256."""
+    info = json.loads((path / INFO_FILE).read_text())
+    for name, expected in info.get("sha256", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise ValueError(f"{file}: missing from the demo base (reinstall, or --rebuild)")
+        if hashlib.sha256(file.read_bytes()).hexdigest() != expected:
+            raise ValueError(f"{file}: SHA-256 differs from {path / INFO_FILE} "
+                             "(damaged; reinstall, or --rebuild)")
+    return info
+
+
 def cached_base_model(cache_dir: str | Path, spec: BaseSpec = BaseSpec(), rebuild: bool = False,
-                      progress=None) -> tuple[Path, bool]:
-    """The base model for ``spec`` from the cache, building it if missing (or ``rebuild``).
-    Returns (model dir, whether it was built now)."""
-    path = Path(cache_dir) / spec.key()
-    if path.exists() and (path / "nftune_base.json").exists() and not rebuild:
-        return path, False
-    return build_base_model(path, spec, progress), True
+                      progress=None) -> tuple[Path, str]:
+    """The base model for ``spec``: the shipped one if it has this spec (checked against its
+    hashes), else from the cache, building it if missing (or ``rebuild``). Returns (model dir,
+    where it came from: "shipped" | "cached" | "built")."""
+    if not rebuild and (SHIPPED_DIR / INFO_FILE).exists() and shipped_spec() == spec:
+        check_base_dir(SHIPPED_DIR)
+        return SHIPPED_DIR, "shipped"
+    path = Path(cache_dir) / f"{spec.key()}-code{_code_hash()}"
+    if path.exists() and (path / INFO_FILE).exists() and not rebuild:
+        check_base_dir(path)
+        return path, "cached"
+    build_base_model(path, spec, progress)
+    return path, "built"
