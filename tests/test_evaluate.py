@@ -84,3 +84,24 @@ def test_tiny_model_end_to_end(tiny_base, arithmetic_files, tmp_path):
     assert result["summary"]["test"]["avg_at_k"] == pytest.approx(
         sum(sum(i["correct"]) for i in items) / 32)
     assert "generation:" in done.stdout and "tokens/s" in done.stdout
+
+
+@pytest.mark.skipif(not BENCH.exists(), reason="../shared/data/bench not present")
+def test_responses_in_either_form_are_graded_without_a_template(tmp_path):
+    """Someone else's outputs: boxed on one half of each set, Answer: lines on the other; no
+    --template. Both forms are accepted everywhere, and the output says which extraction."""
+    rows = []
+    for name in SIX:
+        for i, r in enumerate(json.loads(line) for line in (BENCH / f"{name}.jsonl").open()):
+            response = (f"Let me work through this carefully.\nSo the final result is "
+                        f"$\\boxed{{{r['answer']}}}$." if i % 2 == 0 else
+                        f"Let me work through this carefully.\nAnswer: {r['answer']}")
+            rows.append({"benchmark": name, "id": r["id"], "response": response})
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = eval_cli("--responses", str(path), "--data-dir", str(BENCH),
+                    "--output", str(tmp_path / "mixed"))
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "mixed.json").read_text())["summary"]
+    assert {name: s["avg_at_k"] for name, s in summary.items()} == {name: 1.0 for name in SIX}
+    assert "answer extraction: auto" in done.stdout

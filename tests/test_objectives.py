@@ -290,3 +290,24 @@ def test_dapo_overlong_penalty_by_hand():
     std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / 4)
     expected = torch.tensor([-(x - mean) / std / 8 for x in rewards])[:, None].expand(4, 2)
     torch.testing.assert_close(grad, expected, atol=1e-12, rtol=0)
+
+
+def test_max_v_is_exact_for_huge_ratios():
+    from nftune.objectives import max_v
+
+    x = torch.tensor([-3.0e7, -5.0, 0.5, 2.0, 4.0e8], dtype=torch.float32, requires_grad=True)
+    value = max_v(x, 1.0)
+    assert value.tolist() == [1.0, 1.0, 1.0, 2.0, 4.0e8]  # exactly ε where clipped
+    value.sum().backward()
+    assert x.grad.tolist() == [1.0] * 5  # straight through
+
+
+def test_nft_loss_stays_finite_far_off_policy():
+    # log R = 20 on a wrong answer with r̂ = 0.25: the negative ratio is about −1.6e8
+    log_ratio = torch.full((4, 3), 20.0, requires_grad=True)
+    correct = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    r_hat = torch.full((4,), 0.25)
+    loss, metrics = compute_loss("nft", log_ratio, torch.zeros(4, 3), torch.ones(4, 3),
+                                 correct, r_hat)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(log_ratio.grad).all()

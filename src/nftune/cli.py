@@ -158,10 +158,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     raise UserError(f"{args.responses}: {name} has no item with id "
                                     f"{missing[0]!r}")
                 qs = [questions[i] for i in rows]
-                template = benchmark_template(name, args.template)
+                # someone else's outputs: their prompt is unknown, so either form is accepted
+                # unless --template names the one they were prompted with
+                strategy = strategy_for(args.template) if args.template else "auto"
                 results.append(grade_items(name, qs, [rows[q.id] for q in qs], verifier,
-                                           strategy=strategy_for(template)))
+                                           strategy=strategy))
             title = Path(args.responses).stem
+            print(f"answer extraction: {strategy} ("
+                  + {"auto": "the last \\boxed{} if there is one, else the last 'Answer:' line",
+                     "boxed": "the last \\boxed{}",
+                     "answer_line": "the last 'Answer:' line"}[strategy] + ")")
         else:
             import torch
 
@@ -329,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.7)
     p.add_argument("--max-new-tokens", type=int, default=4096)
     p.add_argument("--template", default=None,
-                   help="prompt template (default: dapo for AIME/AMC, boxed otherwise)")
+                   help="prompt template (default: dapo for AIME/AMC, boxed otherwise); with "
+                        "--responses it picks the answer extraction (default: either form)")
     p.add_argument("--limit", type=int, default=None, help="first N questions of each set")
     p.add_argument("--batch-size", type=int, default=64, help="answers per generate call")
     p.add_argument("--device", default="auto")

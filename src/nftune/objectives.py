@@ -91,9 +91,20 @@ def _safe_r_hat(r_hat: Tensor) -> Tensor:
     return torch.where(informative(r_hat), r_hat, torch.full_like(r_hat, 0.5))
 
 
+class _StraightThroughMax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, eps: float) -> Tensor:
+        return torch.clamp(x, min=eps)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
 def max_v(x: Tensor, eps: float) -> Tensor:
-    """Straight-through max, value max(x, ε) and gradient of x: sg(max(x, ε) − x) + x."""
-    return (torch.clamp(x, min=eps) - x).detach() + x
+    """Straight-through max: value max(x, ε) exactly, gradient that of x (the paper's
+    sg(max(x, ε) − x) + x, whose value rounds away from ε once |x| > 2²⁴ in fp32)."""
+    return _StraightThroughMax.apply(x, eps)
 
 
 def token_sum(per_token: Tensor, mask: Tensor) -> Tensor:
