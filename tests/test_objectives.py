@@ -276,7 +276,7 @@ def test_registry_lists_the_six_objectives():
 
 
 def test_dapo_overlong_penalty_by_hand():
-    # one group of four: rewards r + penalty = [1, 0.5, 0, −1]
+    # one group of four; DAPO's reward is ±1 (Eq. 9) plus the overlong penalty: [1, 0.5, −1, −2]
     old = torch.zeros(4, 2)
     lp = old.clone()
     mask = torch.ones(4, 2)
@@ -285,7 +285,7 @@ def test_dapo_overlong_penalty_by_hand():
     penalty = torch.tensor([0.0, -0.5, 0.0, -1.0])
     _, grad, _ = grad_of("dapo", lp, old, mask, correct, r_hat, torch.zeros(4, dtype=torch.long),
                          overlong_penalty=penalty)
-    rewards = [1.0, 0.5, 0.0, -1.0]
+    rewards = [1.0, 0.5, -1.0, -2.0]
     mean = sum(rewards) / 4
     std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / 4)
     expected = torch.tensor([-(x - mean) / std / 8 for x in rewards])[:, None].expand(4, 2)
@@ -311,3 +311,25 @@ def test_nft_loss_stays_finite_far_off_policy():
                                  correct, r_hat)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(log_ratio.grad).all()
+
+
+def test_nft_clip_fraction_is_of_wrong_answers_and_ignores_float_noise():
+    # two correct answers, two wrong; r̂ = 0.5, ε = 1. Wrong answer 1: R = 1.25 on both tokens
+    # (x = (1 − 0.625)/0.5 = 0.75 < ε: clipped); wrong answer 2: R = 1 (x = 1: not clipped).
+    # Half of the wrong answers' tokens are clipped (a quarter of all tokens).
+    lp = torch.log(torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.25, 1.25], [1.0, 1.0]],
+                                dtype=torch.float64))
+    correct = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    args = (lp, torch.zeros(4, 2, dtype=torch.float64), torch.ones(4, 2, dtype=torch.float64),
+            correct, torch.full((4,), 0.5, dtype=torch.float64))
+    _, m = compute_loss("nft", *args, eps=1.0)
+    assert m["clip_fraction"] == pytest.approx(0.5)
+    # on-policy up to float rounding (R = 1 + 1e-7): nothing is clipped
+    on_policy = (torch.zeros(4, 2, dtype=torch.float64) + 1e-7, *args[1:])
+    assert compute_loss("nft", *on_policy, eps=1.0)[1]["clip_fraction"] == 0.0
+
+
+def test_infonca_logs_no_placeholder_clip_fraction():
+    _, old, mask, correct, r_hat, gid = make_batch()
+    _, m = compute_loss("infonca", old.clone(), old, mask, correct, r_hat, gid)
+    assert "clip_fraction" not in m

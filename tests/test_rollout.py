@@ -16,11 +16,13 @@ def policy(tiny_base):
     return model, tokenizer
 
 
-def by_hand(model, tokenizer, prompt: str, response: list[int]) -> tuple[torch.Tensor, ...]:
-    """log π and entropy at each response token, from one unpadded forward over this answer."""
+def by_hand(model, tokenizer, prompt: str, response: list[int], temperature: float = 1.0
+            ) -> tuple[torch.Tensor, ...]:
+    """log π and entropy at each response token, from one unpadded forward over this answer;
+    π = softmax(logits / temperature)."""
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] + response
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+        logits = model(input_ids=torch.tensor([ids])).logits[0].double() / temperature
     logp = torch.log_softmax(logits[len(ids) - len(response) - 1:-1], -1)
     token_logp = logp[torch.arange(len(response)), torch.tensor(response)]
     return token_logp, -(logp.exp() * logp).sum(-1)
@@ -38,8 +40,9 @@ def test_logprobs_from_generation_equal_a_forward_over_each_answer(policy, sampl
     assert len(set(lengths)) > 1  # uneven answers: rows padded after their EOS
     for row, n in enumerate(lengths):
         response = rollout.input_ids[row, rollout.prompt_len:rollout.prompt_len + n].tolist()
-        logp, entropy = by_hand(model, tokenizer, prompts[row // 3], response)
-        # π itself, not the tempered / truncated sampling distribution
+        logp, entropy = by_hand(model, tokenizer, prompts[row // 3], response,
+                                sampling["temperature"])
+        # π at the sampling temperature, over the full vocabulary (not top-k / top-p cut)
         torch.testing.assert_close(rollout.old_logprobs[row, :n].double(), logp,
                                    atol=1e-5, rtol=0)
         torch.testing.assert_close(rollout.entropy[row, :n].double(), entropy,
@@ -69,9 +72,11 @@ def test_both_sources_agree_and_a_repetition_penalty_is_not_applied(policy):
                                atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
 @pytest.mark.parametrize("chunk_elements", [2**25, 50])  # one chunk; a few rows per chunk
 def test_token_logprobs_match_log_softmax_in_float64_with_gradients(monkeypatch,
-                                                                    chunk_elements):
+                                                                    chunk_elements,
+                                                                    temperature):
     from nftune import rollout
 
     monkeypatch.setattr(rollout, "LOGIT_CHUNK_ELEMENTS", chunk_elements)
@@ -80,10 +85,11 @@ def test_token_logprobs_match_log_softmax_in_float64_with_gradients(monkeypatch,
     targets = torch.randint(0, 7, (5, 4))
     weights = torch.randn(5, 4, dtype=torch.float64)
 
-    logp, entropy = rollout.token_logprobs(logits.float(), targets, with_entropy=True)
+    logp, entropy = rollout.token_logprobs(logits.float(), targets, with_entropy=True,
+                                           temperature=temperature)
     (logp.double() * weights).sum().backward()
 
-    x = logits.detach()
+    x = logits.detach() / temperature
     softmax = x.exp() / x.exp().sum(-1, keepdim=True)
     expected = x.gather(-1, targets[..., None]).squeeze(-1) - x.exp().sum(-1).log()
     torch.testing.assert_close(logp.double(), expected, atol=1e-5, rtol=0)
@@ -91,5 +97,40 @@ def test_token_logprobs_match_log_softmax_in_float64_with_gradients(monkeypatch,
                                atol=1e-5, rtol=0)
     # d/dx_j of w·log softmax(x)_a = w·(1[j = a] − softmax(x)_j)
     onehot = torch.nn.functional.one_hot(targets, 7).double()
-    torch.testing.assert_close(logits.grad, weights[..., None] * (onehot - softmax),
+    # (and the chain rule through x / T multiplies by 1/T)
+    torch.testing.assert_close(logits.grad, weights[..., None] * (onehot - softmax) / temperature,
                                atol=1e-5, rtol=0)
+
+
+def test_old_logprobs_are_those_of_the_sampling_temperature(policy):
+    """At T = 0.6 the answers are drawn from softmax(logits / 0.6): recorded and recomputed
+    old log-probs are of that distribution (checked against a plain forward), and the NFT loss
+    of the unchanged model on its own rollout is 0 (π_θ = π_old)."""
+    from nftune.objectives import compute_loss
+    from nftune.rollout import position_ids_for, response_logprobs
+
+    model, tokenizer = policy
+    prompts = [format_prompt(q.problem, "raw") for q in make_questions(4, "test", 2, 1)]
+    runs = {}
+    for source in ("generate", "recompute"):
+        torch.manual_seed(3)
+        runs[source] = generate_rollout(model, tokenizer, prompts, 4, max_new_tokens=16,
+                                        temperature=0.6, logprobs_from=source)
+    recorded, recomputed = runs["generate"], runs["recompute"]
+    assert recorded.texts == recomputed.texts
+    # float rounding of the logits (1e-5 at T = 1) is scaled by 1/T
+    torch.testing.assert_close(recorded.old_logprobs, recomputed.old_logprobs, atol=2e-5,
+                               rtol=0)
+    with torch.no_grad():  # the definition, by hand: log softmax(logits / T) at the token
+        ids, attn, p = recorded.input_ids, recorded.attention_mask, recorded.prompt_len
+        logits = model(input_ids=ids, attention_mask=attn,
+                       position_ids=position_ids_for(attn)).logits[:, p - 1:-1].double()
+        by_hand = torch.log_softmax(logits / 0.6, -1).gather(-1, ids[:, p:, None])[..., 0]
+    mask = recorded.response_mask.bool()
+    torch.testing.assert_close(recorded.old_logprobs[mask].double(), by_hand[mask], atol=2e-5,
+                               rtol=0)
+    logprobs, _ = response_logprobs(model, ids, attn, p, temperature=0.6)
+    correct = torch.tensor([1.0, 0.0] * 8)
+    loss, _ = compute_loss("nft", logprobs, recorded.old_logprobs, recorded.response_mask,
+                           correct, torch.full((16,), 0.5), eps=1.0)
+    assert abs(loss.item()) < 1e-5

@@ -113,7 +113,8 @@ def actor_config(loss_mode: str, weight: str | None, eps: float):
         "_target_": "verl.workers.config.FSDPActorConfig", "strategy": "fsdp", "rollout_n": 4,
         "use_dynamic_bsz": True, "loss_agg_mode": "token-mean",
         "policy_loss": {"_target_": "nftune.integrations.verl.NFTPolicyLossConfig",
-                        "loss_mode": loss_mode, "nft_eps": eps, "nft_weight": weight}}))
+                        "loss_mode": loss_mode, "nft_eps": eps,
+                        f"{loss_mode}_weight": weight}}))
 
 
 CASES = [("nft", w, e) for w in ("one", "dr_grpo", "grpo") for e in (0.01, 0.5, 1.0)] + \
@@ -275,6 +276,14 @@ def test_example_recipe_is_a_valid_verl_config(monkeypatch, tmp_path):
     assert isinstance(actor_cfg.policy_loss, plugin.NFTPolicyLossConfig)
     assert (actor_cfg.policy_loss.nft_eps, actor_cfg.policy_loss.nft_weight) == (1.0, "dr_grpo")
     assert get_policy_loss_fn(actor_cfg.policy_loss.loss_mode) is plugin.nft_policy_loss
+    assert plugin._hparams(actor_cfg, "nft") == ("dr_grpo", 1.0)
+    # the documented switch to RFT trains the paper's RFT (ω = 1), not NFT's weight
+    with initialize_config_dir(config_dir=str(examples), version_base=None):
+        rft_cfg = compose(config_name="nft_qwen2.5_math_7b", overrides=[
+            "actor_rollout_ref.actor.policy_loss.loss_mode=rft"])
+    rft_actor = omega_conf_to_dataclass(rft_cfg.actor_rollout_ref.actor)
+    assert get_policy_loss_fn(rft_actor.policy_loss.loss_mode) is plugin.rft_policy_loss
+    assert plugin._hparams(rft_actor, "rft") == ("one", 1.0)
     algo = omega_conf_to_dataclass(cfg.algorithm)
     assert get_adv_estimator_fn(algo.adv_estimator) is plugin.compute_nft_outcome
     assert algo.filter_groups.enable and algo.filter_groups.metric == "acc"

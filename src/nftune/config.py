@@ -52,8 +52,11 @@ class TrainConfig:
     answers_per_prompt: int = _f(8, "K, answers sampled per question (paper: 16).")
     max_new_tokens: int = _f(256, "Response length limit; longer answers are truncated and "
                                   "count as wrong (paper: 4K).")
-    temperature: float = _f(1.0, "Sampling temperature of rollouts (paper: 1.0).")
-    top_p: float = _f(1.0, "Nucleus sampling of rollouts (1.0 = off).")
+    temperature: float = _f(1.0, "Sampling temperature of rollouts; every log-prob of π_old "
+                                 "and π_θ is of logits / temperature, the distribution "
+                                 "sampled from (paper: 1.0).")
+    top_p: float = _f(1.0, "Nucleus sampling of rollouts (1.0 = off). It only restricts "
+                           "which tokens are drawn: log-probs stay over the full vocabulary.")
     top_k: int = _f(0, "Top-k of rollouts (0 = off; generate's own default would be 50).")
     gen_batch_size: int = _f(64, "Answers per generate call.")
     old_logprobs: str = _f("generate", "Where π_old's per-token log-probs come from: "

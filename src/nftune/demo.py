@@ -130,16 +130,19 @@ def run_demo(algo: str = "nft", steps: int | None = None, quick: bool = False, s
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    bar = tqdm(total=settings.base.sft_steps, desc="base model: supervised warm-up",
-               disable=not progress, dynamic_ncols=True)
+    bars = []  # a bar only if a base is built (the shipped one loads in no time)
 
     def sft_progress(step: int, total: int, loss: float) -> None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
+        if not bars:
+            bars.append(tqdm(total=total, desc="base model: supervised warm-up",
+                             disable=not progress, dynamic_ncols=True))
+        bars[0].update(1)
+        bars[0].set_postfix(loss=f"{loss:.3f}")
 
     base_dir, origin = cached_base_model(cache_dir or default_cache_dir(), settings.base,
                                          rebuild=rebuild, progress=sft_progress)
-    bar.close()
+    for bar in bars:
+        bar.close()
     base_seconds = time.perf_counter() - started
     print(f"base model: {base_dir} ({origin}, {base_seconds:.0f} s)")
 

@@ -101,6 +101,11 @@ class _StraightThroughMax(torch.autograd.Function):
         return grad, None
 
 
+# a negative ratio this close to ε counts as unclipped: recorded and recomputed log-probs differ
+# by ~1e-6, which on an exactly on-policy batch would otherwise "clip" a few % of tokens
+CLIP_TOLERANCE = 1e-4
+
+
 def max_v(x: Tensor, eps: float) -> Tensor:
     """Straight-through max: value max(x, ε) exactly, gradient that of x (the paper's
     sg(max(x, ε) − x) + x, whose value rounds away from ε once |x| > 2²⁴ in fp32)."""
@@ -133,7 +138,9 @@ def nft_token_loss(
     implicit negative policy π⁻_θ = (π_old − r̂ π⁺_θ) / (1 − r̂). ``positive_only`` drops it (RFT).
 
     Returns (loss, positive part, negative part, clipped) as (B, T) tensors; ``clipped`` is 1
-    where the negative ratio's value was clipped at ε. Zero on groups with r̂ ∈ {0, 1}.
+    on wrong answers' tokens whose negative ratio lies below ε by more than float noise
+    (``CLIP_TOLERANCE``, relative), i.e. whose value the clip changed. Zero on groups with
+    r̂ ∈ {0, 1}.
     """
     keep = informative(r_hat)[:, None]
     r_hat_s = _safe_r_hat(r_hat)[:, None]
@@ -148,7 +155,7 @@ def nft_token_loss(
         ratio = torch.exp(log_ratio)  # R_t
         neg_ratio = (1.0 - r_hat_s * ratio) / (1.0 - r_hat_s)  # π⁻_θ / π_old per token
         neg = -omega * (1.0 - r) * torch.log(max_v(neg_ratio, eps))
-        clipped = ((neg_ratio < eps) & (r == 0)).to(log_ratio.dtype)
+        clipped = ((neg_ratio < eps * (1 - CLIP_TOLERANCE)) & (r == 0)).to(log_ratio.dtype)
     pos, neg = torch.where(keep, pos, zero), torch.where(keep, neg, zero)
     return pos + neg, pos, neg, torch.where(keep, clipped, zero)
 
@@ -271,11 +278,12 @@ def _to_floats(values: dict[str, Tensor]) -> Metrics:
 
 
 def _finish(parts: dict[str, Tensor], clipped: Tensor, log_ratio: Tensor, mask: Tensor,
-            num_tokens: Tensor) -> tuple[Tensor, Metrics]:
-    """Token-mean aggregation: Σ (per-token loss · mask) / num_tokens, plus diagnostics."""
+            num_tokens: Tensor, clip_over: Tensor | None = None) -> tuple[Tensor, Metrics]:
+    """Token-mean aggregation: Σ (per-token loss · mask) / num_tokens, plus diagnostics;
+    ``clip_fraction`` is over the tokens of ``clip_over`` (B, 1) rows (default: all)."""
     sums = {k: token_sum(v, mask) / num_tokens for k, v in parts.items()}
     loss = sums["loss"]
-    n = mask.sum().clamp(min=1)
+    n = (mask if clip_over is None else mask * clip_over).sum().clamp(min=1)
     stats = {**sums, "clip_fraction": token_sum(clipped, mask) / n,
              **_ratio_stats(log_ratio, mask)}
     return loss, _to_floats(stats)
@@ -285,8 +293,9 @@ def _finish(parts: dict[str, Tensor], clipped: Tensor, log_ratio: Tensor, mask: 
 def nft(log_ratio, mask, correct, r_hat, num_tokens, *, weight="dr_grpo", eps=1.0):
     """Negative-aware Fine-Tuning (Eq. 10); see :func:`nft_token_loss`."""
     loss, pos, neg, clipped = nft_token_loss(log_ratio, correct, r_hat, weight, eps)
+    wrong = (1.0 - correct.to(log_ratio.dtype))[:, None]  # clip_fraction: of wrong answers
     return _finish({"loss": loss, "loss_pos": pos, "loss_neg": neg}, clipped, log_ratio, mask,
-                   num_tokens)
+                   num_tokens, clip_over=wrong)
 
 
 @register_objective("rft")
@@ -332,15 +341,17 @@ def dapo(log_ratio, mask, correct, r_hat, num_tokens, *, group_ids=None, clip_lo
     """DAPO's per-token objective is GRPO's (Eq. 3, clip-higher, token-mean).
 
     Dynamic sampling lives in the training loop. Overlong reward shaping arrives as
-    ``overlong_penalty`` (B,) ≤ 0, added to r before the group normalisation
-    (needs ``group_ids``).
+    ``overlong_penalty`` (B,) ≤ 0, added to DAPO's rule-based reward ±1 (correct +1, wrong −1,
+    DAPO Eq. 9) before the group normalisation (needs ``group_ids``). Without the penalty ±1
+    and {0, 1} give the same normalised advantage; with it, the scale sets how strongly length
+    counts against correctness, so it is DAPO's.
     """
     if overlong_penalty is None:
         return _policy_gradient(log_ratio, mask, correct, r_hat, num_tokens, True, clip_low,
                                 clip_high)
     if group_ids is None:
         raise ValueError("group_ids: required by 'dapo' with overlong_penalty")
-    rewards = correct.to(log_ratio.dtype) + overlong_penalty.to(log_ratio.dtype)
+    rewards = 2.0 * correct.to(log_ratio.dtype) - 1.0 + overlong_penalty.to(log_ratio.dtype)
     adv = shaped_group_advantage(rewards, group_ids, r_hat)
     return _pg_with_advantage(log_ratio, mask, adv, num_tokens, clip_low, clip_high)
 
@@ -369,7 +380,7 @@ def infonca(log_ratio, mask, correct, r_hat, num_tokens, *, logprobs, group_ids,
     loss = nca + sft_coef * sft
     metrics = _to_floats({"loss": loss, "loss_pos": sft_coef * sft, "loss_neg": nca,
                           **_ratio_stats(log_ratio, mask)})
-    metrics.update(clip_fraction=0.0, groups_with_positive=float(contributing))
+    metrics.update(groups_with_positive=float(contributing))  # nothing is clipped: no key
     return loss, metrics
 
 
@@ -449,7 +460,8 @@ def compute_loss(
 
     Returns:
         (scalar loss, metrics) with metrics ``loss_pos``, ``loss_neg``, ``ratio_mean``,
-        ``ratio_max``, ``approx_kl`` and ``clip_fraction`` at least.
+        ``ratio_max`` and ``approx_kl`` at least, and ``clip_fraction`` where the objective
+        clips (not InfoNCA).
     """
     if algo not in OBJECTIVES:
         raise ValueError(f"algo: unknown objective {algo!r}; valid: {sorted(OBJECTIVES)}")

@@ -81,45 +81,48 @@ LOGIT_CHUNK_ELEMENTS = 2**25
 
 
 class _PickedLogSoftmax(torch.autograd.Function):
-    """log softmax(x)_a for one chunk of logits, keeping only x and logsumexp(x) for backward:
-    d/dx_j = g · (1[j = a] − exp(x_j − logsumexp(x))), recomputed from the logits."""
+    """log softmax(s·x)_a for one chunk of logits x and inverse temperature s, keeping only x and
+    logsumexp(s·x) for backward: d/dx_j = g · s · (1[j = a] − exp(s·x_j − logsumexp(s·x))),
+    recomputed from the logits (no scaled copy is kept)."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor) -> Tensor:
-        x = logits.float()
+    def forward(ctx, logits: Tensor, target: Tensor, scale: float) -> Tensor:
+        x = logits.float() * scale
         index = target.unsqueeze(-1)
         picked = torch.log_softmax(x, dim=-1).gather(-1, index).squeeze(-1)
         lse = x.gather(-1, index).squeeze(-1) - picked
         ctx.save_for_backward(logits, index, lse)
+        ctx.scale = scale
         return picked
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         logits, index, lse = ctx.saved_tensors
         g = grad.unsqueeze(-1)
-        out = torch.exp(logits.float() - lse.unsqueeze(-1)).mul_(-g)
+        out = torch.exp(logits.float() * ctx.scale - lse.unsqueeze(-1)).mul_(-g)
         out.scatter_add_(-1, index, g)
-        return out.to(logits.dtype), None
+        return out.mul_(ctx.scale).to(logits.dtype), None, None
 
 
-def token_logprobs(logits: Tensor, targets: Tensor, with_entropy: bool = False
-                   ) -> tuple[Tensor, Tensor | None]:
-    """log softmax(logits) at ``targets`` and optionally the entropy (a diagnostic, without
-    gradient), (B, R) each, in float32.
+def token_logprobs(logits: Tensor, targets: Tensor, with_entropy: bool = False,
+                   temperature: float = 1.0) -> tuple[Tensor, Tensor | None]:
+    """log softmax(logits / temperature) at ``targets`` and optionally the entropy of that
+    distribution (a diagnostic, without gradient), (B, R) each, in float32.
 
     Computed a few rows at a time, and the backward recomputes the softmax from the logits, so
     no full-size (B, R, V) log-softmax is ever kept: the logits are the only vocabulary-wide
     tensor alive.
     """
+    scale = 1.0 / temperature
     rows = max(1, LOGIT_CHUNK_ELEMENTS // max(1, logits.shape[1] * logits.shape[2]))
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     logprobs, entropy = [], []
     for chunk, target in zip(logits.split(rows), targets.split(rows), strict=True):
         if needs_grad:
-            logprobs.append(_PickedLogSoftmax.apply(chunk, target))
+            logprobs.append(_PickedLogSoftmax.apply(chunk, target, scale))
         if with_entropy or not needs_grad:
             with torch.no_grad():
-                logp = torch.log_softmax(chunk.float(), dim=-1)
+                logp = torch.log_softmax(chunk.float() * scale, dim=-1)
                 if not needs_grad:
                     logprobs.append(logp.gather(-1, target.unsqueeze(-1)).squeeze(-1))
                 if with_entropy:
@@ -128,14 +131,16 @@ def token_logprobs(logits: Tensor, targets: Tensor, with_entropy: bool = False
 
 
 def response_logprobs(model, input_ids: Tensor, attention_mask: Tensor, prompt_len: int,
-                      with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                      with_entropy: bool = False, temperature: float = 1.0
+                      ) -> tuple[Tensor, Tensor | None]:
     """Per-token log π(a_t | q, a_<t) of the response columns, (B, R), and optionally the
-    policy's entropy at each of them, in float32 whatever the model's dtype."""
+    policy's entropy at each of them, in float32 whatever the model's dtype. π is the
+    distribution answers are sampled from: the model's logits divided by ``temperature``."""
     width = input_ids.shape[1] - prompt_len
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
                    position_ids=position_ids_for(attention_mask),
                    logits_to_keep=width + 1).logits[:, :-1]
-    return token_logprobs(logits, input_ids[:, prompt_len:], with_entropy)
+    return token_logprobs(logits, input_ids[:, prompt_len:], with_entropy, temperature)
 
 
 class LogprobRecorder(LogitsProcessor):
@@ -143,13 +148,15 @@ class LogprobRecorder(LogitsProcessor):
     ``generate`` computes anyway, holding one step's log-softmax (B, V) at a time.
 
     Custom processors run before the sampling warpers (temperature, top-k, top-p), so the
-    scores seen here are the model's own logits and the log-probs are those of π itself —
+    scores seen here are the model's own logits; they are divided by ``temperature`` here, so
+    the log-probs are those of the distribution sampled from (before any top-k / top-p cut) —
     the quantity a no-grad forward over the finished rollout recomputes. The token sampled
     at step t is only known at step t + 1 (as the last column of ``input_ids``); the last
     one is read in :meth:`finish`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, temperature: float = 1.0) -> None:
+        self.scale = 1.0 / temperature
         self.previous: Tensor | None = None
         self.logprobs: list[Tensor] = []
         self.entropy: list[Tensor] = []
@@ -157,7 +164,7 @@ class LogprobRecorder(LogitsProcessor):
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         if self.previous is not None:
             self.logprobs.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
-        logp = torch.log_softmax(scores.float(), dim=-1)
+        logp = torch.log_softmax(scores.float() * self.scale, dim=-1)
         self.entropy.append(-(logp.exp() * logp).sum(-1))
         self.previous = logp
         return scores
@@ -187,7 +194,9 @@ def generate_rollout(model, tokenizer, prompts: list[str], k: int, *, max_new_to
         logprobs_from: ``"recompute"`` (one no-grad forward over the rollout, exactly the
             training forward), ``"generate"`` (recorded from the logits of the sampling steps
             by :class:`LogprobRecorder`, saving that forward; the same quantity up to float
-            rounding, at any temperature), or None (skip; e.g. evaluation).
+            rounding, at any temperature), or None (skip; e.g. evaluation). Both are log-probs
+            of π at ``temperature``: logits / temperature, the full vocabulary (top-k / top-p
+            only restrict which tokens are drawn; as in verl and TRL).
 
     Sampling uses the given temperature, top-p and top-k only: a repetition penalty or n-gram
     ban in the model's ``generation_config`` is switched off, since it would sample from a
@@ -211,7 +220,7 @@ def generate_rollout(model, tokenizer, prompts: list[str], k: int, *, max_new_to
         p = max(len(r) for r in part)
         ids = torch.tensor([[pad_id] * (p - len(r)) + r for r in part], device=device)
         attn = torch.tensor([[0] * (p - len(r)) + [1] * len(r) for r in part], device=device)
-        recorder = LogprobRecorder() if logprobs_from == "generate" else None
+        recorder = LogprobRecorder(temperature) if logprobs_from == "generate" else None
         sequences = model.generate(
             input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
             eos_token_id=eos_id, pad_token_id=pad_id, return_dict_in_generate=True,
@@ -247,21 +256,23 @@ def generate_rollout(model, tokenizer, prompts: list[str], k: int, *, max_new_to
         rollout.old_logprobs, rollout.entropy = lp[0] * response_mask, lp[1] * response_mask
     elif logprobs_from == "recompute":
         rollout.old_logprobs, rollout.entropy = recompute_logprobs(model, rollout,
-                                                                   micro_batch_tokens)
+                                                                   micro_batch_tokens,
+                                                                   temperature)
     return rollout
 
 
 @torch.no_grad()
-def recompute_logprobs(model, rollout: Rollout, micro_batch_tokens: int
-                       ) -> tuple[Tensor, Tensor]:
-    """log π(a_t) and the entropy at every response position, by a no-grad forward."""
+def recompute_logprobs(model, rollout: Rollout, micro_batch_tokens: int,
+                       temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """log π(a_t) and the entropy at every response position, by a no-grad forward, π at the
+    sampling ``temperature``."""
     logprobs = torch.zeros(rollout.response_mask.shape, dtype=torch.float32,
                            device=rollout.input_ids.device)
     entropy = torch.zeros_like(logprobs)
     for rows in micro_batches(rollout, micro_batch_tokens):
         part = rollout.select(rows).trimmed()
         lp, ent = response_logprobs(model, part.input_ids, part.attention_mask, part.prompt_len,
-                                    with_entropy=True)
+                                    with_entropy=True, temperature=temperature)
         width = lp.shape[1]
         logprobs[rows, :width] = lp * part.response_mask
         entropy[rows, :width] = ent * part.response_mask

@@ -146,6 +146,7 @@ class RolloutStats:
     gen_batches: int
     time_generate_s: float
     time_verify_s: float
+    time_old_logprobs_s: float
     generated_tokens: int
 
 
@@ -215,7 +216,7 @@ def collect_rollout(model, tokenizer, questions: list[Question], sampler: Prompt
         kept_fraction=(kept_questions / groups_seen) if cfg.dynamic_sampling else 1.0,
         response_length=lengths_t.mean().item(),
         truncated_fraction=torch.cat(truncated).mean().item(), gen_batches=round_ + 1,
-        time_generate_s=time_gen, time_verify_s=time_ver,
+        time_generate_s=time_gen, time_verify_s=time_ver, time_old_logprobs_s=0.0,
         generated_tokens=int(lengths_t.sum().item()))
     if not kept:
         return None, stats
@@ -228,8 +229,8 @@ def collect_rollout(model, tokenizer, questions: list[Question], sampler: Prompt
     if cfg.old_logprobs == "recompute":
         start = time.perf_counter()
         batch_rollout.old_logprobs, batch_rollout.entropy = recompute_logprobs(
-            model, batch_rollout, cfg.micro_batch_tokens)
-        stats.time_generate_s += time.perf_counter() - start
+            model, batch_rollout, cfg.micro_batch_tokens, cfg.temperature)
+        stats.time_old_logprobs_s = time.perf_counter() - start
     return batch_rollout, stats
 
 
@@ -280,7 +281,7 @@ def update_policy(model, optimizer, scheduler, batch: Rollout, cfg: TrainConfig,
                 part_extra["overlong_penalty"] = piece.penalty
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 logprobs, _ = response_logprobs(model, piece.input_ids, piece.attention_mask,
-                                                piece.prompt_len)
+                                                piece.prompt_len, temperature=cfg.temperature)
             loss, m = compute_loss(cfg.algo, logprobs, piece.old_logprobs, piece.response_mask,
                                    piece.correct, piece.r_hat, piece.group_ids,
                                    num_tokens=num_tokens, **hparams, **part_extra)
@@ -292,7 +293,8 @@ def update_policy(model, optimizer, scheduler, batch: Rollout, cfg: TrainConfig,
             for key in ("loss", "loss_pos", "loss_neg"):
                 step_metrics[key] = step_metrics.get(key, 0.0) + m[key]
             for key in ("ratio_mean", "clip_fraction", "approx_kl"):
-                step_metrics[key] = step_metrics.get(key, 0.0) + m[key] * share
+                if key in m:  # InfoNCA clips nothing: no clip_fraction
+                    step_metrics[key] = step_metrics.get(key, 0.0) + m[key] * share
             ratio_max = max(ratio_max, m["ratio_max"])
         clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip) if finite else \
@@ -480,7 +482,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             row.update(reward_mean_trained=trained, entropy=float(entropy),
                        lr=scheduler.get_last_lr()[0], time_update_s=time_update,
                        tokens_per_s=stats.generated_tokens / max(
-                           1e-9, stats.time_generate_s + stats.time_verify_s + time_update))
+                           1e-9, stats.time_generate_s + stats.time_old_logprobs_s
+                           + stats.time_verify_s + time_update))
             if eval_sets and (step % cfg.eval_every == 0 or step == cfg.steps):
                 row.update(_evaluate(model, tokenizer, eval_sets, verifier, cfg))
             row["time_step_s"] = time.perf_counter() - step_started

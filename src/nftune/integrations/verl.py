@@ -24,9 +24,12 @@ Hyper-parameters: the paper's defaults (ε = 1.0; ω = 1 − r̂ for NFT, ω = 1
 as they are. To change them, swap the policy-loss config for :class:`NFTPolicyLossConfig`
 (with P = ``actor_rollout_ref.actor.policy_loss``):
 ``P._target_=nftune.integrations.verl.NFTPolicyLossConfig +P.nft_eps=0.5 +P.nft_weight=grpo``.
+Each loss reads its own weight key (``nft_weight`` for ``nft``, ``rft_weight`` for ``rft``),
+so switching ``loss_mode`` never carries one algorithm's ω over to the other.
 
 The reward: :func:`compute_score` is nftune's verifier as verl's custom reward function
-(``reward.custom_reward_function.path=<this file>``), with the extraction strategy that
+(``reward.custom_reward_function.path=pkg://nftune.integrations.verl``,
+``reward.custom_reward_function.name=compute_score``), with the extraction strategy that
 ``nftune verl-data`` stores in each row's ``extra_info``.
 """
 
@@ -58,12 +61,14 @@ class NFTPolicyLossConfig(PolicyLossConfig):
 
     Args:
         nft_eps: clip ε of the negative ratio (paper: 1.0).
-        nft_weight: prompt weight ω: ``dr_grpo`` (1 − r̂), ``grpo`` (sqrt((1 − r̂)/r̂)) or
-            ``one``; None means the loss's default (NFT ``dr_grpo``, RFT ``one``).
+        nft_weight: NFT's prompt weight ω: ``dr_grpo`` (1 − r̂, the default), ``grpo``
+            (sqrt((1 − r̂)/r̂)) or ``one``.
+        rft_weight: RFT's prompt weight ω (default ``one``, the paper's RFT).
     """
 
     nft_eps: float = 1.0
     nft_weight: str | None = None
+    rft_weight: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,11 +129,12 @@ def _hparams(config: Any, loss_mode: str) -> tuple[str, float]:
     ``get``); the paper's defaults where it does not set them."""
     policy_loss = getattr(config, "policy_loss", None)
     settings = policy_loss if policy_loss is not None else {}
-    weight = settings.get("nft_weight", None) or DEFAULT_WEIGHT[loss_mode]
+    key = f"{loss_mode}_weight"  # each loss its own key: a recipe's NFT ω never reaches RFT
+    weight = settings.get(key, None) or DEFAULT_WEIGHT[loss_mode]
     eps = settings.get("nft_eps", None)
     eps = 1.0 if eps is None else float(eps)
     if weight not in PROMPT_WEIGHTS:
-        raise ValueError(f"policy_loss.nft_weight: unknown {weight!r}; valid: "
+        raise ValueError(f"policy_loss.{key}: unknown {weight!r}; valid: "
                          f"{sorted(PROMPT_WEIGHTS)}")
     if eps <= 0:
         raise ValueError(f"policy_loss.nft_eps: must be positive, got {eps}")
