@@ -304,11 +304,12 @@ def test_max_v_is_exact_for_huge_ratios():
 
 def test_nft_loss_stays_finite_far_off_policy():
     # log R = 20 on a wrong answer with r̂ = 0.25: the negative ratio is about −1.6e8
-    log_ratio = torch.full((4, 3), 20.0, requires_grad=True)
-    correct = torch.tensor([1.0, 0.0, 0.0, 0.0])
-    r_hat = torch.full((4,), 0.25)
-    loss, metrics = compute_loss("nft", log_ratio, torch.zeros(4, 3), torch.ones(4, 3),
-                                 correct, r_hat)
+    f32 = dict(dtype=torch.float32)  # where the former sg(max − x) + x rounded to 0
+    log_ratio = torch.full((4, 3), 20.0, **f32, requires_grad=True)
+    correct = torch.tensor([1.0, 0.0, 0.0, 0.0], **f32)
+    r_hat = torch.full((4,), 0.25, **f32)
+    loss, metrics = compute_loss("nft", log_ratio, torch.zeros(4, 3, **f32),
+                                 torch.ones(4, 3, **f32), correct, r_hat)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(log_ratio.grad).all()
 
