@@ -19,7 +19,7 @@ from nftune.rollout import Rollout, concat_rollouts, micro_batches
 from nftune.train import TrainingError, overlong_penalty, train
 
 TIMING_KEYS = {"time_generate_s", "time_verify_s", "time_update_s", "tokens_per_s",
-               "time_step_s"}
+               "time_step_s", "time_old_logprobs_s"}
 
 
 def config(tiny_base, files, out, **kw):
@@ -269,3 +269,18 @@ def test_bf16_autocast_path(tiny_base, arithmetic_files, tmp_path):
     assert row["optimizer_steps"] > 0 and row["grad_norm"] == row["grad_norm"]  # not NaN
     weights = load_file(out / "final" / "model.safetensors")
     assert all(w.dtype == torch.float32 for w in weights.values())  # fp32 master weights
+
+
+def test_recompute_path_times_the_old_logprob_forward_apart(tiny_base, arithmetic_files,
+                                                            tmp_path):
+    out = tmp_path / "run"
+    train(config(tiny_base, arithmetic_files, out, steps=2, old_logprobs="recompute"),
+          progress=False)
+    rows = read_metrics(out / "metrics.jsonl")
+    assert any(r["kept_fraction"] > 0 for r in rows)
+    for row in rows:
+        # the π_old forward runs on kept answers only, and is not inside generation time
+        assert (row["time_old_logprobs_s"] > 0) == (row["kept_fraction"] > 0)
+        spent = (row["time_generate_s"] + row["time_old_logprobs_s"] + row["time_verify_s"]
+                 + row["time_update_s"])
+        assert row["tokens_per_s"] == pytest.approx(row["generated_tokens"] / spent)
