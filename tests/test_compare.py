@@ -49,4 +49,5 @@ def test_sweep_labels_and_bad_algo(tiny_base, arithmetic_files, tmp_path):
     assert [r["label"] for r in runs] == ["nft eps=0.1"] * 2 + ["nft eps=1.0"] * 2
     assert runs[0]["overrides"] == {"eps": "0.1"} and runs[1]["dir"] == "nft-eps0.1-seed1"
     done = compare("--algos", "nft,ppo", "--config", str(tmp_path / "missing.yaml"))
-    assert done.returncode == 2 and "missing.yaml" in done.stderr
+    # the unknown algorithm is named before any file is read
+    assert done.returncode == 2 and "--algos: unknown ['ppo']" in done.stderr

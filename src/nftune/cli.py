@@ -237,6 +237,10 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
     from nftune.compare import build_report, demo_base_config, evaluate_base, run_comparison
     from nftune.config import ALGOS, parse_overrides
 
+    algos = [a.strip() for a in args.algos.split(",")]
+    unknown = [a for a in algos if a not in ALGOS]
+    if unknown:  # before reading any file: the error names what is wrong
+        raise UserError(f"--algos: unknown {unknown}; valid: {list(ALGOS)}")
     if args.report:
         result = build_report(args.report)
         print((Path(args.report) / "results.md").read_text())
@@ -252,10 +256,6 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
     base.update(parse_overrides(extra))
     if not base.get("eval_data") or not int(base.get("eval_every") or 0):
         raise UserError("compare needs held-out evaluation: set eval_data and eval_every")
-    algos = [a.strip() for a in args.algos.split(",")]
-    unknown = [a for a in algos if a not in ALGOS]
-    if unknown:
-        raise UserError(f"--algos: unknown {unknown}; valid: {list(ALGOS)}")
     sweep = None
     if args.sweep:
         key, _, values = args.sweep.partition("=")
