@@ -133,16 +133,18 @@ def _run(tiny_base, arithmetic_files, out, **kw):
 
 
 def test_learning_rate_follows_warmup_and_cosine_by_hand(tiny_base, arithmetic_files, tmp_path):
-    rows = _run(tiny_base, arithmetic_files, tmp_path / "run", steps=4, minibatches=2,
-                warmup_steps=3, lr=1e-3, lr_schedule="cosine")
-    taken = 0
+    rows = _run(tiny_base, arithmetic_files, tmp_path / "run", steps=5, minibatches=2,
+                warmup_steps=5, lr=1e-3, lr_schedule="cosine")
+    taken, logged = 0, []
     for row in rows:
         taken += row["optimizer_steps"]
-        # the lr logged after `taken` optimizer steps: warm-up (s + 1)/3 for s < 3, then
-        # ½(1 + cos(π (s − 3)/(8 − 3))) with 8 = steps × minibatches
+        # the lr logged after `taken` optimizer steps: warm-up (s + 1)/5 for s < 5, then
+        # ½(1 + cos(π (s − 5)/(10 − 5))) with 10 = steps × minibatches
         s = taken
-        factor = (s + 1) / 3 if s < 3 else 0.5 * (1 + math.cos(math.pi * (s - 3) / 5))
+        factor = (s + 1) / 5 if s < 5 else 0.5 * (1 + math.cos(math.pi * (s - 5) / 5))
         assert row["lr"] == pytest.approx(1e-3 * factor), row["step"]
+        logged.append(s)
+    assert min(logged) < 4 and max(logged) > 5  # both phases were seen
 
 
 def test_gradient_clipping_bounds_the_gradient_the_optimizer_sees(tiny_base, arithmetic_files,
