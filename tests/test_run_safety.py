@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nftune.checkpoint import MANIFEST, CheckpointError, _sha256
+from nftune.checkpoint import MANIFEST, CheckpointError, sha256_file
 from nftune.config import build_config
 from nftune.train import train
 
@@ -64,7 +64,7 @@ def _rewrite_manifest(checkpoint: Path) -> None:
     """What an attacker who edits a checkpoint would do: make the manifest match."""
     manifest = json.loads((checkpoint / MANIFEST).read_text())
     manifest["files"] = {p.relative_to(checkpoint).as_posix():
-                         {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                         {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                          for p in checkpoint.rglob("*") if p.is_file() and p.name != MANIFEST}
     (checkpoint / MANIFEST).write_text(json.dumps(manifest))
 

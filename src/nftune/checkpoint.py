@@ -112,7 +112,8 @@ def load_state(directory: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -143,7 +144,7 @@ def save_checkpoint(directory: Path, model, tokenizer, state: dict[str, Any]) ->
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
         _fsync(path)
         files[path.relative_to(tmp).as_posix()] = {"bytes": path.stat().st_size,
-                                                   "sha256": _sha256(path)}
+                                                   "sha256": sha256_file(path)}
     (tmp / MANIFEST).write_text(json.dumps({"format": MANIFEST_FORMAT, "files": files},
                                            indent=1))
     _fsync(tmp / MANIFEST)
@@ -185,11 +186,12 @@ def check_checkpoint(directory: Path) -> None:
         if size != expected.get("bytes"):
             raise CheckpointError(f"{path}: {size} bytes, the manifest says "
                                   f"{expected.get('bytes')} (truncated or replaced)")
-        if _sha256(path) != expected.get("sha256"):
+        if sha256_file(path) != expected.get("sha256"):
             raise CheckpointError(f"{path}: SHA-256 differs from the manifest (corrupted)")
 
 
-def _step_dirs(output_dir: Path) -> list[tuple[int, Path]]:
+def step_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every checkpoints/step-N, oldest first (unchecked)."""
     return sorted((int(p.name.split("-", 1)[1]), p)
                   for p in (output_dir / "checkpoints").glob("step-*")
                   if p.is_dir() and p.name.split("-", 1)[1].isdigit())
@@ -199,7 +201,7 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     """The newest checkpoint that passes :func:`check_checkpoint`; each damaged newer one is
     reported (logged as a warning) and skipped. None if there is no checkpoint at all;
     :class:`CheckpointError` if there are some and none is intact."""
-    found = _step_dirs(output_dir)
+    found = step_checkpoints(output_dir)
     problems = []
     for _, path in reversed(found):
         try:
@@ -219,7 +221,7 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 def prune_checkpoints(output_dir: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` (at least 1) step checkpoints."""
-    found = _step_dirs(output_dir)
+    found = step_checkpoints(output_dir)
     for _, path in found[: max(0, len(found) - max(1, keep))]:
         shutil.rmtree(path)
 

@@ -148,6 +148,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with Verifier(workers=args.verify_workers) as verifier:
         if args.responses:
             by_set = _read_responses(Path(args.responses))
+            # someone else's outputs: their prompt is unknown, so either form is accepted
+            # unless --template names the one they were prompted with
+            strategy = strategy_for(args.template) if args.template else "auto"
             names = [n for n in names if n in by_set] if args.benchmarks else list(by_set)
             for name in names:
                 questions = {q.id: q for q in load_questions(name, data_dir=data_dir,
@@ -158,9 +161,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     raise UserError(f"{args.responses}: {name} has no item with id "
                                     f"{missing[0]!r}")
                 qs = [questions[i] for i in rows]
-                # someone else's outputs: their prompt is unknown, so either form is accepted
-                # unless --template names the one they were prompted with
-                strategy = strategy_for(args.template) if args.template else "auto"
                 results.append(grade_items(name, qs, [rows[q.id] for q in qs], verifier,
                                            strategy=strategy))
             title = Path(args.responses).stem
@@ -399,9 +399,10 @@ def _resume_hint(args: argparse.Namespace) -> str:
         return ""
     from pathlib import Path
 
+    from nftune.checkpoint import MANIFEST, step_checkpoints
+
     out = Path(args.output_dir)
-    steps = sorted((int(p.name[5:]), p) for p in (out / "checkpoints").glob("step-*")
-                   if p.name[5:].isdigit() and (p / "manifest.json").exists())
+    steps = [(n, p) for n, p in step_checkpoints(out) if (p / MANIFEST).exists()]
     if not steps:
         return f"No checkpoint was written yet in {out}."
     return (f"Last checkpoint: {steps[-1][1]} (step {steps[-1][0]}); continue with: "

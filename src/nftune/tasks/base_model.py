@@ -111,8 +111,10 @@ def _code_hash() -> str:
 
 
 def _file_hashes(path: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.iterdir()) if p.is_file() and p.name != INFO_FILE}
+    from nftune.checkpoint import sha256_file
+
+    return {p.name: sha256_file(p) for p in sorted(path.iterdir())
+            if p.is_file() and p.name != INFO_FILE}
 
 
 def shipped_spec() -> BaseSpec:
@@ -122,12 +124,14 @@ def shipped_spec() -> BaseSpec:
 def check_base_dir(path: Path) -> dict:
     """The base's info (spec, file hashes, measured accuracy); ValueError naming the file if a
     file is missing or differs from its recorded SHA-256."""
+    from nftune.checkpoint import sha256_file
+
     info = json.loads((path / INFO_FILE).read_text())
     for name, expected in info.get("sha256", {}).items():
         file = path / name
         if not file.is_file():
             raise ValueError(f"{file}: missing from the demo base (reinstall, or --rebuild)")
-        if hashlib.sha256(file.read_bytes()).hexdigest() != expected:
+        if sha256_file(file) != expected:
             raise ValueError(f"{file}: SHA-256 differs from {path / INFO_FILE} "
                              "(damaged; reinstall, or --rebuild)")
     return info
