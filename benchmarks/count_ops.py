@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from workload import add_workload_args, trainer_parts, workload_config  # noqa: E402
+from workload import add_workload_args, make_trainer, workload_config  # noqa: E402
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import nftune.train as T
-    from nftune.rollout import response_logprobs
+    from nftune.update import response_logprobs
 
     class Counting(TorchDispatchMode):
         def __init__(self):
@@ -72,10 +72,20 @@ def main() -> None:
         return wrapped
 
     cfg = workload_config(args, Path(tempfile.mkdtemp()), algo=args.algo, device="cpu",
-                          old_logprobs=args.old_logprobs)
-    model, tokenizer, qs, sampler, optimizer, verifier = trainer_parts(cfg)
+                          old_logprobs=args.old_logprobs, save_every=0)
+    trainer = make_trainer(cfg)
+    model, optimizer, verifier = trainer.model, trainer.optimizer, trainer.verifier
     floor_optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    scheduler = T.make_scheduler(optimizer, cfg)
+    batches = []
+
+    def collect_and_keep(*a, **kw):
+        batch, stats = collect_rollout(*a, **kw)
+        batches.append(batch)
+        return batch, stats
+
+    collect_rollout = T.collect_rollout
+    T.collect_rollout = in_phase("rollout (rest)", collect_and_keep)
+    T.update_policy = in_phase("update", T.update_policy)
 
     model.generate = in_phase("generate", model.generate)
     T.recompute_logprobs = in_phase("old log-probs", T.recompute_logprobs)
@@ -109,15 +119,13 @@ def main() -> None:
                     counter.clear()
             torch.manual_seed(step)
             with mode:
-                mode.phase = "rollout (rest)"
-                batch, _ = T.collect_rollout(model, tokenizer, qs, sampler, verifier, cfg)
-                mode.phase = "update"
-                T.update_policy(model, optimizer, scheduler, batch, cfg, 0)
+                trainer.step()  # the trainer's own step: rollout, then update
                 mode.phase = "floor"
-                floor_passes(batch)
+                floor_passes(batches.pop())
+                mode.phase = "other"
     finally:
         torch.Tensor.tolist = tolist
-        verifier.close()
+        trainer.close()
 
     n = args.steps
     print(f"{cfg.algo}, {args.prompts} questions × {args.k} answers, ≤ {args.new_tokens} new "

@@ -1,7 +1,8 @@
 """The demo's settings across bases and seeds: every (base seed × RL seed) run of `nftune demo`.
 
 Usage: python benchmarks/demo_bases.py [--bases 0,1,2] [--seeds 0,1,2] [--algo nft]
-                                       [--set lr=6e-4 --set steps=80] [--out runs/demo-bases]
+                                       [--set lr=6e-4 --set steps=80]
+                                       [--base-set sft_steps=1600] [--out runs/demo-bases]
 
 Base seed 0 is the shipped base; other seeds are built here (their warm-up is the same code
 with another seed) and cached in OUT/cache. Prints one line per run and a summary; the demo's
@@ -35,12 +36,19 @@ def main() -> None:
     parser.add_argument("--algo", default="nft")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a DemoSettings field for every run")
+    parser.add_argument("--base-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a BaseSpec field (how every base is built) for every run")
     parser.add_argument("--out", default="runs/demo-bases")
     args = parser.parse_args()
 
-    from nftune.demo import run_demo
+    from dataclasses import replace
+
+    from nftune.demo import DemoSettings, run_demo
 
     overrides = {k: _value(v) for k, _, v in (item.partition("=") for item in args.set)}
+    base_changes = {k: _value(v) for k, _, v in (i.partition("=") for i in args.base_set)}
+    if base_changes:
+        overrides["base"] = replace(DemoSettings().base, **base_changes)
     out = Path(args.out)
     results = []
     for base in [int(b) for b in args.bases.split(",")]:

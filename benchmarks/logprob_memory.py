@@ -28,7 +28,8 @@ def run(method: str, vocab: int, rows: int, new_tokens: int) -> dict:
     import torch
     from transformers import LogitsProcessorList, Qwen2Config, Qwen2ForCausalLM
 
-    from nftune.rollout import LogprobRecorder, response_logprobs
+    from nftune.rollout import LogprobRecorder
+    from nftune.update import response_logprobs
 
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128,

@@ -4,7 +4,7 @@ Usage: python benchmarks/micro_batching.py [--seed 0]
 
 Part 1 (counts, no model): one mini-batch in the paper's shape — 32 questions × 16 answers,
 prompts of 60–200 tokens, answer lengths log-normal around 700 tokens and cut at 4,096 (the
-long tail of a reasoning model) — split by :func:`nftune.rollout.micro_batches` under several
+long tail of a reasoning model) — split by :func:`nftune.update.micro_batches` under several
 token budgets. Prints the tokens each way feeds the model (rows × longest sequence, summed
 over micro-batches) against the real tokens.
 
@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from nftune.rollout import Rollout, micro_batches, response_logprobs  # noqa: E402
+from nftune.rollout import Rollout  # noqa: E402
+from nftune.update import micro_batches, response_logprobs  # noqa: E402
 
 
 def synthetic_rollout(prompt_lens: list[int], response_lens: list[int], k: int,
@@ -72,7 +73,7 @@ def main() -> None:
 
     from workload import base_model
 
-    from nftune.train import load_policy
+    from nftune.policy import load_policy
 
     model, _ = load_policy(str(base_model(args.cache)), torch.device("cpu"))
     vocab = model.config.vocab_size

@@ -38,15 +38,15 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
         ("train.py", "batch_rollout.old_logprobs, batch_rollout.entropy = recompute_logprobs(",
          "batch_rollout.entropy, batch_rollout.old_logprobs = recompute_logprobs(")],
     "CLI check of unknown --algos removed": [
-        ("cli.py", "    if unknown:  # before reading any file", "    if False:")],
+        ("cli.py", "    check_algos(algos)  # before reading any file", "")],
     "r̂ repeated in the wrong order": [
         ("train.py", "rollout.r_hat = correct.view(-1, k).mean(1).repeat_interleave(k)",
          "rollout.r_hat = correct.view(-1, k).mean(1).repeat(k)")],
     "gradient clipping off": [
-        ("train.py", "clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf",
+        ("update.py", "clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf",
          "clip = math.inf")],
     "no learning-rate warm-up": [
-        ("train.py", "return (step + 1) / cfg.warmup_steps", "return 1.0")],
+        ("policy.py", "return (step + 1) / cfg.warmup_steps", "return 1.0")],
     "recorded old log-probs at temperature 1": [
         ("rollout.py", "LogprobRecorder(temperature) if", "LogprobRecorder() if")],
     "over-long answers cut instead of wrong": [

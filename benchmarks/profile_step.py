@@ -4,13 +4,13 @@ Usage: python benchmarks/profile_step.py [--algo grpo] [--prompts 32] [--k 8] [-
                                          [--minibatches 4] [--warmup 2] [--steps 3]
                                          [--old-logprobs generate|recompute] [--device cpu]
 
-Runs the trainer's own stages (``collect_rollout`` then ``update_policy``, as ``nftune train``
-does) on the vs-TRL workload — the demo's base model and arithmetic questions — with timers
-wrapped around each phase: Hugging Face ``generate``, the rest of the rollout (decoding,
-tensors), verification, the no-grad forward for π_old's log-probs, and in the update the
-forward, loss, backward, gradient clipping and optimizer step. "other" is what remains of the
-step (selection of groups, micro-batching, metrics). On CUDA each timer synchronises first.
-Prints the mean over ``--steps`` steps after ``--warmup`` unmeasured ones.
+Runs the trainer's own steps (``Trainer.step``: ``collect_rollout`` then ``update_policy``,
+as ``nftune train`` does) on the vs-TRL workload — the demo's base model and arithmetic
+questions — with timers wrapped around each phase: Hugging Face ``generate``, the rest of the
+rollout (decoding, tensors), verification, the no-grad forward for π_old's log-probs, and in
+the update the forward, loss, backward, gradient clipping and optimizer step. "other" is what
+remains of the step (selection of groups, micro-batching, metrics). On CUDA each timer
+synchronises first. Prints the mean over ``--steps`` steps after ``--warmup`` unmeasured ones.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 # torch is imported inside functions: the verifier's worker processes re-import this script
 # as their __main__, and should not pay for torch (with CUDA libraries) on start-up
 sys.path.insert(0, str(Path(__file__).parent))
-from workload import add_workload_args, device_name, trainer_parts, workload_config  # noqa: E402
+from workload import add_workload_args, device_name, make_trainer, workload_config  # noqa: E402
 
 
 class PhaseTimer:
@@ -71,25 +71,28 @@ def main() -> None:
 
     import torch
 
+    import nftune.rollout as R
     import nftune.train as T
+    import nftune.update as U
+    from nftune.policy import pick_device
 
     cfg = workload_config(args, Path(tempfile.mkdtemp()), algo=args.algo,
-                          old_logprobs=args.old_logprobs,
+                          old_logprobs=args.old_logprobs, save_every=0,
                           micro_batch_tokens=args.micro_batch_tokens, device=args.device)
-    model, tokenizer, qs, sampler, optimizer, verifier = trainer_parts(cfg)
+    trainer = make_trainer(cfg)
+    model, optimizer, verifier = trainer.model, trainer.optimizer, trainer.verifier
 
-    timer = PhaseTimer(T.pick_device(cfg.device))
+    timer = PhaseTimer(pick_device(cfg.device))
     # wrap the names the trainer looks up at call time
-    T.generate_rollout = timer.wrap("rollout (all)", T.generate_rollout)
+    R.generate_rollout = timer.wrap("rollout (all)", R.generate_rollout)
     model.generate = timer.wrap("rollout: HF generate", model.generate)
     verifier.verify = timer.wrap("verify", verifier.verify)
     T.recompute_logprobs = timer.wrap("old log-probs: no-grad forward", T.recompute_logprobs)
-    T.response_logprobs = timer.wrap("update: forward", T.response_logprobs)
-    T.compute_loss = timer.wrap("update: loss", T.compute_loss)
+    U.response_logprobs = timer.wrap("update: forward", U.response_logprobs)
+    U.compute_loss = timer.wrap("update: loss", U.compute_loss)
     backward = torch.Tensor.backward
     torch.Tensor.backward = timer.wrap("update: backward", backward)
     torch.nn.utils.clip_grad_norm_ = timer.wrap("update: grad clip", torch.nn.utils.clip_grad_norm_)
-    scheduler = T.make_scheduler(optimizer, cfg)
     optimizer.step = timer.wrap("update: optimizer step", optimizer.step)
     warnings.filterwarnings("ignore", message="Seems like `optimizer.step\\(\\)` has been")
 
@@ -97,11 +100,9 @@ def main() -> None:
         for step in range(1, args.warmup + args.steps + 1):
             timer.active = step > args.warmup
             with timer.phase("step"):
-                batch, _ = T.collect_rollout(model, tokenizer, qs, sampler, verifier, cfg)
-                if batch is not None:
-                    T.update_policy(model, optimizer, scheduler, batch, cfg, 0)
+                trainer.step()
     finally:
-        verifier.close()
+        trainer.close()
         torch.Tensor.backward = backward
 
     sec = {k: v / args.steps for k, v in timer.seconds.items()}

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from nftune.demo import DemoSettings, _evaluate_both
+from nftune.policy import load_policy
 from nftune.tasks.arithmetic import make_questions
 from nftune.tasks.base_model import INFO_FILE, SHIPPED_DIR, _file_hashes, build_base_model
-from nftune.train import load_policy
 from nftune.verify import Verifier
 
 

@@ -127,9 +127,9 @@ def run_floor(args, model_dir: Path) -> dict:
     trimmed to its longest answer) — no verification, no bookkeeping."""
     import torch
 
-    from nftune.data import format_prompt
-    from nftune.rollout import response_logprobs
-    from nftune.train import PromptSampler, load_policy
+    from nftune.data import PromptSampler, format_prompt
+    from nftune.policy import load_policy
+    from nftune.update import response_logprobs
 
     device = torch.device(args.device)
     model, tokenizer = load_policy(str(model_dir), device)

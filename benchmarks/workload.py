@@ -60,20 +60,9 @@ def workload_config(args: argparse.Namespace, workdir: Path, **overrides: Any):
     return cfg
 
 
-def trainer_parts(cfg):
-    """What ``nftune train`` builds before its loop: (model, tokenizer, questions, sampler,
-    AdamW, verifier with its pool starting in the background)."""
-    import torch
+def make_trainer(cfg):
+    """The trainer ``nftune train`` builds (model, data, AdamW and schedule, verifier with its
+    pool starting in the background); drive it with ``trainer.step()``."""
+    from nftune.train import Trainer
 
-    import nftune.train as T
-    from nftune.data import strategy_for
-    from nftune.verify import Verifier
-
-    model, tokenizer = T.load_policy(cfg.model, T.pick_device(cfg.device))
-    qs = T.load_questions(cfg.train_data).questions
-    sampler = T.PromptSampler(len(qs), cfg.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    verifier = Verifier(cfg.verify_workers, cfg.verify_timeout_s,
-                        strategy=strategy_for(cfg.template))
-    verifier.start_in_background()  # as the trainer does: pool start-up is not a step's cost
-    return model, tokenizer, qs, sampler, optimizer, verifier
+    return Trainer(cfg)

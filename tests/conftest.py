@@ -31,3 +31,4 @@ def arithmetic_files(tmp_path_factory) -> dict[str, Path]:
         out[split].write_text("".join(json.dumps(q.__dict__) + "\n"
                                       for q in make_questions(n, split, 0, 1)))
     return out
+

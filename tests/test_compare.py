@@ -1,15 +1,13 @@
 """`nftune compare` on a tiny model: table, plots, JSON, skipping finished runs, --report."""
 
 import json
-import subprocess
-import sys
 
 import yaml
+from helpers import run_cli
 
 
 def compare(*args):
-    return subprocess.run([sys.executable, "-m", "nftune.cli", "compare", *args],
-                          capture_output=True, text=True, timeout=900)
+    return run_cli("compare", *args)
 
 
 def test_compare_runs_reports_and_resumes(tiny_base, arithmetic_files, tmp_path):

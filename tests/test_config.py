@@ -6,19 +6,23 @@ import pytest
 
 from nftune.config import build_config, config_markdown, parse_overrides
 
+PG_CLIPS = {"clip_low": 0.2, "clip_high": 0.28}
 
-@pytest.mark.parametrize("algo, weight, dynamic, overlong", [
-    ("nft", "dr_grpo", True, False),
-    ("rft", "one", True, False),
-    ("grpo", None, False, False),
-    ("dr_grpo", None, False, False),
-    ("dapo", None, True, True),
-    ("infonca", None, True, False),
+
+@pytest.mark.parametrize("algo, dynamic, overlong, hparams", [
+    ("nft", True, False, {"weight": "dr_grpo", "eps": 1.0}),
+    ("rft", True, False, {"weight": "one"}),
+    ("grpo", False, False, PG_CLIPS),
+    ("dr_grpo", False, False, PG_CLIPS),
+    ("dapo", True, True, PG_CLIPS),
+    ("infonca", True, False, {"beta": 0.1, "sft_coef": 1.0}),
 ])
-def test_paper_defaults_per_algorithm(algo, weight, dynamic, overlong):
+def test_paper_defaults_per_algorithm(algo, dynamic, overlong, hparams):
     cfg = build_config(None, {"algo": algo})
-    assert (cfg.weight, cfg.dynamic_sampling, cfg.overlong_shaping) == (weight, dynamic, overlong)
-    assert cfg.eps == 1.0 and (cfg.clip_low, cfg.clip_high) == (0.2, 0.28) and cfg.beta == 0.1
+    assert (cfg.dynamic_sampling, cfg.overlong_shaping) == (dynamic, overlong)
+    assert cfg.objective_hparams() == hparams
+    for key in ("eps", "weight", "clip_low", "clip_high", "beta", "sft_coef"):
+        assert getattr(cfg, key) == hparams.get(key)  # saved config.yaml shows what ran
     assert cfg.temperature == 1.0 and cfg.top_k == 0 and cfg.top_p == 1.0
 
 
@@ -38,8 +42,12 @@ def test_errors_name_the_key():
         build_config(None, {"steps": "many"})
     with pytest.raises(ValueError, match="algo"):
         build_config(None, {"algo": "ppo"})
-    with pytest.raises(ValueError, match="weight"):
+    with pytest.raises(ValueError, match="weight: not a hyper-parameter of grpo"):
         build_config(None, {"algo": "grpo", "weight": "one"})
+    with pytest.raises(ValueError, match="eps: not a hyper-parameter of infonca"):
+        build_config(None, {"algo": "infonca", "eps": 0.5})
+    with pytest.raises(ValueError, match="overlong_shaping: nft"):
+        build_config(None, {"algo": "nft", "overlong_shaping": True})
     with pytest.raises(ValueError, match="missing value"):
         parse_overrides(["--steps"])
     with pytest.raises(FileNotFoundError, match="nope.yaml"):

@@ -7,11 +7,10 @@ import math
 import pytest
 import torch
 
-from nftune import train as train_module
 from nftune.config import build_config
-from nftune.data import Question
+from nftune.data import PromptSampler, Question
 from nftune.rollout import Rollout, generate_rollout
-from nftune.train import PromptSampler, collect_rollout, train
+from nftune.train import collect_rollout, train
 
 
 def fake_rollout(n_questions: int, k: int, truncated: list[bool]) -> Rollout:
@@ -36,16 +35,25 @@ class ScriptedVerifier:
         return verdicts
 
 
-def scripted_run(monkeypatch, rounds, truncated_rounds, k, **cfg):
+def scripted_run(rounds, truncated_rounds, k, **cfg):
     rollouts = [fake_rollout(len(v) // k, k, t) for v, t in zip(rounds, truncated_rounds,
                                                                strict=True)]
-    monkeypatch.setattr(train_module, "generate_rollout",
-                        lambda *a, **kw: rollouts.pop(0))
     questions = [Question(str(i), f"{i}+0", str(i), "t") for i in range(100)]
     config = build_config(None, dict(model="m", train_data="d", template="raw",
                                      answers_per_prompt=k, **cfg))
     return collect_rollout(StubModel(), StubTokenizer(), questions,
-                           PromptSampler(len(questions), 0), ScriptedVerifier(rounds), config)
+                           PromptSampler(len(questions), 0), ScriptedVerifier(rounds), config,
+                           engine=ScriptedEngine(rollouts))
+
+
+class ScriptedEngine:
+    """Rollouts fixed in advance, handed out in call order."""
+
+    def __init__(self, rollouts):
+        self.rollouts = rollouts
+
+    def generate(self, prompts, k, **kw):
+        return self.rollouts.pop(0)
 
 
 class StubModel:
@@ -57,12 +65,12 @@ class StubTokenizer:
     pad_token_id, eos_token_id = 0, 1
 
 
-def test_rewards_truncation_and_r_hat_by_hand(monkeypatch):
+def test_rewards_truncation_and_r_hat_by_hand():
     # 3 questions × K = 4, verdicts in question × K order; the 2nd answer of question 0 is right
     # but truncated, so it counts as wrong
     verdicts = [True, True, False, False,   False, False, False, False,   True, True, True, True]
     cut = [False, True, False, False] + [False] * 8
-    batch, stats = scripted_run(monkeypatch, [verdicts], [cut], k=4, prompts_per_step=3,
+    batch, stats = scripted_run([verdicts], [cut], k=4, prompts_per_step=3,
                                 dynamic_sampling=False, minibatches=1)
     batch_correct = batch.correct.tolist()
     assert batch_correct == [1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1]
@@ -71,13 +79,13 @@ def test_rewards_truncation_and_r_hat_by_hand(monkeypatch):
     assert stats.truncated_fraction == pytest.approx(1 / 12)
 
 
-def test_dynamic_sampling_keeps_exactly_the_mixed_groups_and_refills(monkeypatch):
+def test_dynamic_sampling_keeps_exactly_the_mixed_groups_and_refills():
     k = 2
     # round 1: 4 questions, r̂ = 1/2, 0, 1, 1/2 → keeps questions 0 and 3 (2 of 4 wanted)
     # round 2: asks for ceil(2 / (2/4)) = 4 more, capped at 4: r̂ = 1/2, 1/2, 0, 0 → 2 more
     round1 = [True, False, False, False, True, True, False, True]
     round2 = [False, True, True, False, False, False, False, False]
-    batch, stats = scripted_run(monkeypatch, [round1, round2], [[False] * 8, [False] * 8], k=k,
+    batch, stats = scripted_run([round1, round2], [[False] * 8, [False] * 8], k=k,
                                 prompts_per_step=4, dynamic_sampling=True, max_gen_batches=4,
                                 minibatches=1)
     assert stats.gen_batches == 2 and stats.generated_answers == 16
@@ -89,7 +97,7 @@ def test_dynamic_sampling_keeps_exactly_the_mixed_groups_and_refills(monkeypatch
 
 @pytest.fixture(scope="module")
 def policy(tiny_base):
-    from nftune.train import load_policy
+    from nftune.policy import load_policy
 
     return load_policy(str(tiny_base), torch.device("cpu"))
 
@@ -104,8 +112,7 @@ def test_mask_runs_through_the_first_eos_and_truncated_means_no_eos(policy):
     seen = set()
     for limit in (10, 40):  # most answers cut off at 10 tokens; most finish within 40
         torch.manual_seed(0)
-        rollout = generate_rollout(model, tokenizer, prompts, 2, max_new_tokens=limit,
-                                   logprobs_from=None)
+        rollout = generate_rollout(model, tokenizer, prompts, 2, max_new_tokens=limit)
         response = rollout.input_ids[:, rollout.prompt_len:]
         for row in range(len(rollout)):
             tokens = response[row].tolist()

@@ -79,8 +79,8 @@ def test_shipped_base_is_intact_and_scores_its_documented_accuracy():
     import torch
 
     from nftune.demo import DemoSettings, _evaluate_both
+    from nftune.policy import load_policy
     from nftune.tasks.base_model import INFO_FILE, SHIPPED_DIR, check_base_dir, shipped_spec
-    from nftune.train import load_policy
 
     settings = DemoSettings()
     assert shipped_spec() == settings.base  # the demo starts from the shipped weights

@@ -2,11 +2,10 @@
 
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
 from nftune.evaluate import EvalResult, format_table, pass_at_k
 
@@ -31,8 +30,7 @@ def test_table_layout_follows_table_1():
 
 
 def eval_cli(*args):
-    return subprocess.run([sys.executable, "-m", "nftune.cli", "eval", *args],
-                          capture_output=True, text=True, timeout=600)
+    return run_cli("eval", *args)
 
 
 @pytest.mark.skipif(not BENCH.exists(), reason="../shared/data/bench not present")

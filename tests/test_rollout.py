@@ -4,9 +4,20 @@ import pytest
 import torch
 
 from nftune.data import format_prompt
+from nftune.policy import load_policy
 from nftune.rollout import generate_rollout
 from nftune.tasks.arithmetic import make_questions
-from nftune.train import load_policy
+from nftune.update import recompute_logprobs
+
+
+def sample(model, tokenizer, prompts, k, source, temperature=1.0, **kw):
+    """A rollout with π_old's log-probs recorded at generation or by a forward afterwards."""
+    rollout = generate_rollout(model, tokenizer, prompts, k, temperature=temperature,
+                               record_logprobs=source == "generate", **kw)
+    if source == "recompute":
+        rollout.old_logprobs, rollout.entropy = recompute_logprobs(model, rollout, 16384,
+                                                                   temperature)
+    return rollout
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +46,7 @@ def test_logprobs_from_generation_equal_a_forward_over_each_answer(policy, sampl
     prompts = [format_prompt(q.problem, "raw") for q in make_questions(6, "test", 1, 1)]
     torch.manual_seed(0)
     rollout = generate_rollout(model, tokenizer, prompts, 3, max_new_tokens=40,
-                               batch_size=8, logprobs_from="generate", **sampling)
+                               batch_size=8, record_logprobs=True, **sampling)
     lengths = rollout.response_lengths.tolist()
     assert len(set(lengths)) > 1  # uneven answers: rows padded after their EOS
     for row, n in enumerate(lengths):
@@ -58,13 +69,11 @@ def test_both_sources_agree_and_a_repetition_penalty_is_not_applied(policy):
     try:
         for source in ("generate", "recompute"):
             torch.manual_seed(1)
-            runs[source] = generate_rollout(model, tokenizer, prompts, 4, max_new_tokens=16,
-                                            logprobs_from=source)
+            runs[source] = sample(model, tokenizer, prompts, 4, source, max_new_tokens=16)
     finally:
         model.generation_config.repetition_penalty = 1.0
     torch.manual_seed(1)
-    plain = generate_rollout(model, tokenizer, prompts, 4, max_new_tokens=16,
-                             logprobs_from=None)
+    plain = generate_rollout(model, tokenizer, prompts, 4, max_new_tokens=16)
     assert runs["generate"].texts == runs["recompute"].texts == plain.texts
     torch.testing.assert_close(runs["generate"].old_logprobs, runs["recompute"].old_logprobs,
                                atol=1e-5, rtol=0)
@@ -77,7 +86,7 @@ def test_both_sources_agree_and_a_repetition_penalty_is_not_applied(policy):
 def test_token_logprobs_match_log_softmax_in_float64_with_gradients(monkeypatch,
                                                                     chunk_elements,
                                                                     temperature):
-    from nftune import rollout
+    from nftune import update as rollout
 
     monkeypatch.setattr(rollout, "LOGIT_CHUNK_ELEMENTS", chunk_elements)
     torch.manual_seed(0)
@@ -107,15 +116,15 @@ def test_old_logprobs_are_those_of_the_sampling_temperature(policy):
     old log-probs are of that distribution (checked against a plain forward), and the NFT loss
     of the unchanged model on its own rollout is 0 (π_θ = π_old)."""
     from nftune.objectives import compute_loss
-    from nftune.rollout import position_ids_for, response_logprobs
+    from nftune.update import position_ids_for, response_logprobs
 
     model, tokenizer = policy
     prompts = [format_prompt(q.problem, "raw") for q in make_questions(4, "test", 2, 1)]
     runs = {}
     for source in ("generate", "recompute"):
         torch.manual_seed(3)
-        runs[source] = generate_rollout(model, tokenizer, prompts, 4, max_new_tokens=16,
-                                        temperature=0.6, logprobs_from=source)
+        runs[source] = sample(model, tokenizer, prompts, 4, source, max_new_tokens=16,
+                              temperature=0.6)
     recorded, recomputed = runs["generate"], runs["recompute"]
     assert recorded.texts == recomputed.texts
     # float rounding of the logits (1e-5 at T = 1) is scaled by 1/T

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli
 
 from nftune.checkpoint import MANIFEST, CheckpointError, sha256_file
 from nftune.config import build_config
@@ -226,9 +227,8 @@ def test_nonsense_settings_are_errors(key, value, message):
         build_config(None, {"model": "m", "train_data": "d", key: value})
 
 
-def cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "nftune.cli", *args], capture_output=True,
-                          text=True, timeout=300, **kw)
+def cli(*args):
+    return run_cli(*args)
 
 
 def test_objectives_with_too_few_answers_is_an_error():

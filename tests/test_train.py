@@ -11,12 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli
 from safetensors.torch import load_file
 
 from nftune import train as train_module
+from nftune import update as update_module
 from nftune.config import build_config
-from nftune.rollout import Rollout, concat_rollouts, micro_batches
-from nftune.train import TrainingError, overlong_penalty, train
+from nftune.objectives import overlong_penalty
+from nftune.rollout import Rollout, concat_rollouts
+from nftune.train import train
+from nftune.update import TrainingError, micro_batches
 
 TIMING_KEYS = {"time_generate_s", "time_verify_s", "time_update_s", "tokens_per_s",
                "time_step_s", "time_old_logprobs_s"}
@@ -119,7 +123,7 @@ def test_a_model_that_is_never_right_changes_nothing(tiny_base, tmp_path, algo):
 
 def test_nan_loss_skips_then_stops_keeping_the_last_checkpoint(tiny_base, arithmetic_files,
                                                                tmp_path, monkeypatch):
-    real = train_module.compute_loss
+    real = update_module.compute_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kw):
@@ -127,7 +131,7 @@ def test_nan_loss_skips_then_stops_keeping_the_last_checkpoint(tiny_base, arithm
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] > 2 else loss), metrics
 
-    monkeypatch.setattr(train_module, "compute_loss", poisoned)
+    monkeypatch.setattr(update_module, "compute_loss", poisoned)
     out = tmp_path / "run"
     cfg = config(tiny_base, arithmetic_files, out, steps=10, minibatches=1, save_every=1,
                  prompts_per_step=8, max_gen_batches=8, micro_batch_tokens=100_000,
@@ -152,7 +156,7 @@ def test_clear_errors_without_traceback(tiny_base, arithmetic_files, tmp_path):
           "--prompts-per-stp", "3"], "did you mean prompts_per_step"),
     ]
     for args, message in cases:
-        done = cli("train", *args, "--output-dir", str(tmp_path / "o"))
+        done = run_cli("train", *args, "--output-dir", str(tmp_path / "o"))
         assert done.returncode != 0
         assert message in done.stderr and "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
@@ -170,7 +174,7 @@ def test_one_model_copy_in_memory(tiny_base, arithmetic_files, tmp_path, monkeyp
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counting))
     seen = []
-    real_update = train_module.update_policy
+    real_update = train_module.update_policy  # as the loop calls it
 
     def update_and_count(model, *a, **k):
         result = real_update(model, *a, **k)
@@ -233,15 +237,16 @@ def test_the_update_does_not_depend_on_micro_batching(tiny_base, arithmetic_file
     import copy
 
     from nftune.data import format_prompt, load_questions
+    from nftune.policy import load_policy, make_scheduler
     from nftune.rollout import generate_rollout
-    from nftune.train import load_policy, make_scheduler, update_policy
+    from nftune.update import update_policy
 
     model, tokenizer = load_policy(str(tiny_base), torch.device("cpu"))
     questions = load_questions(str(arithmetic_files["train"])).questions[:4]
     torch.manual_seed(0)
     rollout = generate_rollout(model, tokenizer, [format_prompt(q.problem, "raw")
                                                   for q in questions], 4, max_new_tokens=40,
-                               logprobs_from="generate")
+                               record_logprobs=True)
     assert len(set(rollout.response_lengths.tolist())) > 2
     rollout.correct = torch.tensor([1., 0, 0, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 0])
     rollout.r_hat = rollout.correct.view(4, 4).mean(1).repeat_interleave(4)

@@ -36,8 +36,8 @@ def cmd_objectives(args: argparse.Namespace) -> int:
     for algo in OBJECTIVES:
         for state, current in (("on-policy", old), ("off-policy", shifted)):
             lp = current.clone().requires_grad_(True)
-            kw = {"group_ids": torch.zeros(k, dtype=torch.long)} if algo == "infonca" else {}
-            loss, _ = compute_loss(algo, lp, old, mask, correct, r_hat, **kw)
+            loss, _ = compute_loss(algo, lp, old, mask, correct, r_hat,
+                                   group_ids=torch.zeros(k, dtype=torch.long))
             loss.backward()
             per_answer = lp.grad.sum(1)
             print(f"{algo:<10} {state:<11} {loss.item():>9.4f} {per_answer[0].item():>16.4f} "
@@ -117,73 +117,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from nftune.data import load_questions, strategy_for
     from nftune.evaluate import (
+        EXTRACTION,
         PAPER_BENCHMARKS,
-        benchmark_k,
-        benchmark_template,
-        evaluate_questions,
+        check_output,
+        evaluate_model,
         format_table,
-        grade_items,
+        grade_responses,
         write_eval_outputs,
     )
     from nftune.verify import Verifier
 
     if bool(args.model) == bool(args.responses):
         raise UserError("give exactly one of --model or --responses")
-    names = [n.strip() for n in (args.benchmarks or ",".join(PAPER_BENCHMARKS)).split(",")]
+    chosen = [n.strip() for n in args.benchmarks.split(",")] if args.benchmarks else None
     output = Path(args.output or "eval_results")
-    blocker = next((p for p in output.parents if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():  # fail now, not after an hour of grading
-        raise UserError(f"--output: {blocker} is a file, not a directory")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"--output: cannot create {output.parent} ({err.strerror})") from None
-    if not os.access(output.parent, os.W_OK):
-        raise UserError(f"--output: {output.parent} is not writable")
+    check_output(output)
     data_dir = args.data_dir or os.environ.get("NFTUNE_DATA_DIR")
-    results = []
     started = time.perf_counter()
     with Verifier(workers=args.verify_workers) as verifier:
         if args.responses:
-            by_set = _read_responses(Path(args.responses))
-            # someone else's outputs: their prompt is unknown, so either form is accepted
-            # unless --template names the one they were prompted with
-            strategy = strategy_for(args.template) if args.template else "auto"
-            names = [n for n in names if n in by_set] if args.benchmarks else list(by_set)
-            for name in names:
-                questions = {q.id: q for q in load_questions(name, data_dir=data_dir,
-                                                             clean=False)}
-                rows = by_set[name]
-                missing = [i for i in rows if i not in questions]
-                if missing:
-                    raise UserError(f"{args.responses}: {name} has no item with id "
-                                    f"{missing[0]!r}")
-                qs = [questions[i] for i in rows]
-                results.append(grade_items(name, qs, [rows[q.id] for q in qs], verifier,
-                                           strategy=strategy))
+            results, strategy = grade_responses(Path(args.responses), chosen, verifier,
+                                                args.template, data_dir)
             title = Path(args.responses).stem
-            print(f"answer extraction: {strategy} ("
-                  + {"auto": "the last \\boxed{} if there is one, else the last 'Answer:' line",
-                     "boxed": "the last \\boxed{}",
-                     "answer_line": "the last 'Answer:' line"}[strategy] + ")")
+            print(f"answer extraction: {strategy} ({EXTRACTION[strategy]})")
         else:
-            import torch
-
-            from nftune.train import load_policy, pick_device
-
-            torch.manual_seed(args.seed)
-            model, tokenizer = load_policy(args.model, pick_device(args.device))
-            for name in names:
-                qs = load_questions(name, data_dir=data_dir, clean=False, limit=args.limit)
-                results.append(evaluate_questions(
-                    model, tokenizer, qs.questions, name=Path(name).stem,
-                    k=benchmark_k(name, args.k),
-                    temperature=args.temperature, top_p=args.top_p,
-                    max_new_tokens=args.max_new_tokens,
-                    template=benchmark_template(name, args.template),
-                    batch_size=args.batch_size, verifier=verifier))
+            results = evaluate_model(
+                args.model, chosen or list(PAPER_BENCHMARKS), verifier, device=args.device,
+                seed=args.seed, k=args.k, temperature=args.temperature, top_p=args.top_p,
+                max_new_tokens=args.max_new_tokens, template=args.template,
+                batch_size=args.batch_size, limit=args.limit, data_dir=data_dir)
             title = args.model
     settings = {"temperature": args.temperature, "top_p": args.top_p,
                 "max_new_tokens": args.max_new_tokens, "template": args.template or "per set",
@@ -204,43 +167,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_responses(path) -> dict:
-    """{benchmark: {id: [responses]}} from JSONL rows {benchmark, id, response|responses}."""
-    import json
-
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    out: dict = {}
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}: row {n}: invalid JSON ({err.msg})") from None
-        for key in ("benchmark", "id"):
-            if key not in row:
-                raise UserError(f"{path}: row {n}: missing field {key!r}")
-        responses = row.get("responses", [row["response"]] if "response" in row else None)
-        if not isinstance(responses, list):
-            raise UserError(f"{path}: row {n}: missing field 'response' or 'responses'")
-        out.setdefault(row["benchmark"], {}).setdefault(str(row["id"]), []).extend(responses)
-    return out
-
-
 def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
     """Algorithms × seeds (or an ablation sweep) through the same trainer, one report."""
     from pathlib import Path
 
     import yaml
 
-    from nftune.compare import build_report, demo_base_config, evaluate_base, run_comparison
-    from nftune.config import ALGOS, parse_overrides
+    from nftune.compare import (
+        build_report,
+        check_algos,
+        demo_base_config,
+        evaluate_base,
+        run_comparison,
+    )
+    from nftune.config import parse_overrides
 
     algos = [a.strip() for a in args.algos.split(",")]
-    unknown = [a for a in algos if a not in ALGOS]
-    if unknown:  # before reading any file: the error names what is wrong
-        raise UserError(f"--algos: unknown {unknown}; valid: {list(ALGOS)}")
+    check_algos(algos)  # before reading any file: the error names what is wrong
     if args.report:
         result = build_report(args.report)
         print((Path(args.report) / "results.md").read_text())
@@ -254,7 +197,7 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         base, _ = demo_base_config(args.quick, args.cache_dir, out)
     base.update(parse_overrides(extra))
-    if not base.get("eval_data") or not int(base.get("eval_every") or 0):
+    if not base.get("eval_data") or not int(base.get("eval_every") or 0):  # before evaluating
         raise UserError("compare needs held-out evaluation: set eval_data and eval_every")
     sweep = None
     if args.sweep:

@@ -35,12 +35,24 @@ def plan_runs(algos: list[str], seeds: list[int], sweep: tuple[str, list[str]] |
     return runs
 
 
+def check_algos(algos: list[str]) -> None:
+    """Every name a registered objective (ValueError naming the unknown ones)."""
+    from nftune.objectives import OBJECTIVES
+
+    unknown = [a for a in algos if a not in OBJECTIVES]
+    if unknown:
+        raise ValueError(f"--algos: unknown {unknown}; valid: {sorted(OBJECTIVES)}")
+
+
 def run_comparison(base: dict[str, Any], algos: list[str], seeds: list[int], output_dir: str,
                    sweep: tuple[str, list[str]] | None = None, progress: bool = True
                    ) -> dict[str, Any]:
     """Train every planned run (skipping finished ones), then write the report."""
     from nftune.train import train
 
+    check_algos(algos)
+    if not base.get("eval_data") or not int(base.get("eval_every") or 0):
+        raise ValueError("compare needs held-out evaluation: set eval_data and eval_every")
     out = Path(output_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     runs = plan_runs(algos, seeds, sweep)
@@ -162,38 +174,28 @@ def _plot(groups: dict[str, list[dict[str, Any]]], path: Path) -> None:
 
 def demo_base_config(quick: bool, cache_dir: str | None, output_dir: Path) -> tuple[
         dict[str, Any], Path]:
-    """The demo's task, base model and settings as a comparison's shared configuration."""
-    from nftune.demo import QUICK, DemoSettings, _write_split, default_cache_dir
-    from nftune.tasks.arithmetic import make_questions
-    from nftune.tasks.base_model import TEMPLATE, cached_base_model
+    """The demo's task, base model and settings as a comparison's shared configuration:
+    evaluated on the demo's whole test split, a checkpoint every 10 steps."""
+    from nftune.demo import QUICK, DemoSettings, default_cache_dir, write_splits
+    from nftune.tasks.base_model import cached_base_model
 
     settings = QUICK if quick else DemoSettings()
     base_dir, _ = cached_base_model(cache_dir or default_cache_dir(), settings.base)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    level = settings.base.level
-    _write_split(output_dir / "train.jsonl",
-                 make_questions(settings.train_questions, "train", 0, level))
-    _write_split(output_dir / "test.jsonl",
-                 make_questions(settings.test_questions, "test", 0, level))
-    base = dict(model=str(base_dir), train_data=str(output_dir / "train.jsonl"),
-                template=TEMPLATE, device="cpu", steps=settings.steps,
-                prompts_per_step=settings.prompts_per_step,
-                answers_per_prompt=settings.answers_per_prompt,
-                max_new_tokens=settings.max_new_tokens, lr=settings.lr,
-                warmup_steps=settings.warmup_steps, minibatches=settings.minibatches,
-                gen_batch_size=256, save_every=10, keep_checkpoints=1,
-                eval_every=settings.eval_every, eval_data=str(output_dir / "test.jsonl"),
-                eval_k=settings.eval_k, eval_temperature=1.0)
+    write_splits(output_dir, settings)
+    base = {**settings.train_config(base_dir, output_dir), "save_every": 10,
+            "keep_checkpoints": 1, "eval_data": str(output_dir / "test.jsonl"),
+            "eval_k": settings.eval_k}
     return base, base_dir
 
 
 def evaluate_base(cfg_dict: dict[str, Any], output_dir: Path) -> float:
-    """Held-out accuracy of the shared base model, with the runs' evaluation settings."""
+    """Held-out accuracy of the shared base model, evaluated as the trainer evaluates its runs
+    (mean of the sets' avg@k)."""
     import torch
 
-    from nftune.data import load_questions
-    from nftune.evaluate import evaluate_questions
-    from nftune.train import load_policy, pick_device
+    from nftune.evaluate import evaluate_sets, load_eval_sets
+    from nftune.policy import load_policy, pick_device
+    from nftune.rollout import ENGINES
     from nftune.verify import Verifier
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -203,15 +205,10 @@ def evaluate_base(cfg_dict: dict[str, Any], output_dir: Path) -> float:
     cfg: TrainConfig = build_config(None, cfg_dict)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_policy(cfg.model, pick_device(cfg.device))
-    accs = []
     with Verifier(cfg.verify_workers) as verifier:
-        for name in cfg.eval_data.split(","):
-            qs = load_questions(name.strip(), data_dir=cfg.data_dir, limit=cfg.eval_limit)
-            accs.append(evaluate_questions(
-                model, tokenizer, qs.questions, k=cfg.eval_k, temperature=cfg.eval_temperature,
-                top_p=cfg.eval_top_p, max_new_tokens=cfg.eval_max_new_tokens or
-                cfg.max_new_tokens, template=cfg.template, batch_size=cfg.gen_batch_size,
-                verifier=verifier).avg_at_k)
+        metrics = evaluate_sets(ENGINES[cfg.engine](model, tokenizer, cfg), tokenizer,
+                                load_eval_sets(cfg), verifier, cfg)
+    accs = [v for k, v in metrics.items() if "/avg@" in k]
     accuracy = sum(accs) / len(accs)
     cached.write_text(json.dumps({"accuracy": accuracy, "config": asdict(cfg)}))
     return accuracy

@@ -14,9 +14,6 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-ALGOS = ("nft", "rft", "grpo", "dr_grpo", "dapo", "infonca")
-
-
 # where and on what a run executes: free to differ on resume (a run directory can move)
 RESUME_FREE_KEYS = ("output_dir", "data_dir", "device", "verify_workers")
 # may change on resume with --allow-changes: bookkeeping and evaluation, never what is trained;
@@ -26,104 +23,130 @@ RESUME_SAFE_KEYS = ("steps", "save_every", "keep_checkpoints", "eval_every", "ev
                     "eval_max_new_tokens", "report_to", "verify_timeout_s")
 
 
-def _f(default: Any, help: str) -> Any:
+def _option(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
     # --- what to train ---
-    model: str = _f("", "Hugging Face causal LM directory or hub id (the policy π_θ).")
-    train_data: str = _f("", "Question set: known name (dapo17k, math500, ...), "
-                             ".jsonl/.json/.parquet file, or hub dataset id.")
-    data_dir: str | None = _f(None, "Directory with <name>.jsonl files for known set names "
-                                    "(default: $NFTUNE_DATA_DIR, else the hub).")
-    train_limit: int | None = _f(None, "Use only the first N training questions.")
-    template: str = _f("dapo", "Prompt template: dapo | boxed | raw | chat | chat:<inner>. "
-                               "The verifier's answer extraction follows it.")
-    algo: str = _f("nft", "Objective: nft | rft | grpo | dr_grpo | dapo | infonca.")
-    output_dir: str = _f("runs/nft", "Where metrics.jsonl, checkpoints/ and config.yaml go.")
-    seed: int = _f(0, "Seed of the data order, sampling and initialisation of the run.")
-    device: str = _f("auto", "auto | cpu | cuda | cuda:N.")
-    bf16: bool = _f(False, "bf16 autocast for forward passes (log-softmax stays fp32).")
+    model: str = _option("", "Hugging Face causal LM directory or hub id (the policy π_θ).")
+    train_data: str = _option("", "Question set: known name (dapo17k, math500, ...), "
+                                  ".jsonl/.json/.parquet file, or hub dataset id.")
+    data_dir: str | None = _option(None, "Directory with <name>.jsonl files for known set names "
+                                         "(default: $NFTUNE_DATA_DIR, else the hub).")
+    train_limit: int | None = _option(None, "Use only the first N training questions.")
+    template: str = _option("dapo", "Prompt template: dapo | boxed | raw | chat | chat:<inner>. "
+                                    "The verifier's answer extraction follows it.")
+    algo: str = _option("nft", "Objective: nft | rft | grpo | dr_grpo | dapo | infonca, or one "
+                               "registered by a plugin.")
+    plugins: str = _option("", "Comma-separated Python modules or .py files imported before the "
+                               "run; they may register objectives.")
+    output_dir: str = _option("runs/nft", "Where metrics.jsonl, checkpoints/ and config.yaml go.")
+    seed: int = _option(0, "Seed of the data order, sampling and initialisation of the run.")
+    device: str = _option("auto", "auto | cpu | cuda | cuda:N.")
+    bf16: bool = _option(False, "bf16 autocast for forward passes (log-softmax stays fp32).")
     # --- Algorithm 1: rollout ---
-    steps: int = _f(100, "Rollout steps (paper: ~320 at 7B).")
-    prompts_per_step: int = _f(16, "Questions per rollout step, after filtering (paper: 512).")
-    answers_per_prompt: int = _f(8, "K, answers sampled per question (paper: 16).")
-    max_new_tokens: int = _f(256, "Response length limit; longer answers are truncated and "
-                                  "count as wrong (paper: 4K).")
-    temperature: float = _f(1.0, "Sampling temperature of rollouts; every log-prob of π_old "
-                                 "and π_θ is of logits / temperature, the distribution "
-                                 "sampled from (paper: 1.0).")
-    top_p: float = _f(1.0, "Nucleus sampling of rollouts (1.0 = off). It only restricts "
-                           "which tokens are drawn: log-probs stay over the full vocabulary.")
-    top_k: int = _f(0, "Top-k of rollouts (0 = off; generate's own default would be 50).")
-    gen_batch_size: int = _f(64, "Answers per generate call.")
-    old_logprobs: str = _f("generate", "Where π_old's per-token log-probs come from: "
-                                       "generate (recorded from the sampling steps' own "
-                                       "logits, no extra pass) | recompute (a no-grad "
-                                       "forward over the rollout).")
-    dynamic_sampling: bool | None = _f(None, "Keep only questions with 0 < r̂ < 1 and "
-                                             "generate more until the batch is full "
-                                             "(default: on for nft, rft, dapo, infonca; off "
-                                             "for grpo, dr_grpo).")
-    max_gen_batches: int = _f(4, "Most generation rounds per step when dynamic sampling.")
-    overlong_shaping: bool | None = _f(None, "DAPO's soft penalty for answers in the last "
-                                             "overlong_buffer of max_new_tokens "
-                                             "(default: on for dapo only).")
-    overlong_buffer: float = _f(0.25, "Fraction of max_new_tokens in which the overlong "
-                                      "penalty ramps from 0 to −1 (DAPO: 4K of 20K).")
+    engine: str = _option("hf", "Generation engine: hf (Hugging Face generate on the trained "
+                                "model).")
+    steps: int = _option(100, "Rollout steps (paper: ~320 at 7B).")
+    prompts_per_step: int = _option(16, "Questions per rollout step, after filtering (paper: 512).")
+    answers_per_prompt: int = _option(8, "K, answers sampled per question (paper: 16).")
+    max_new_tokens: int = _option(256, "Response length limit; longer answers are truncated and "
+                                       "count as wrong (paper: 4K).")
+    temperature: float = _option(1.0, "Sampling temperature of rollouts; every log-prob of π_old "
+                                      "and π_θ is of logits / temperature, the distribution "
+                                      "sampled from (paper: 1.0).")
+    top_p: float = _option(1.0, "Nucleus sampling of rollouts (1.0 = off). It only restricts "
+                                "which tokens are drawn: log-probs stay over the full vocabulary.")
+    top_k: int = _option(0, "Top-k of rollouts (0 = off; generate's own default would be 50).")
+    gen_batch_size: int = _option(64, "Answers per generate call.")
+    old_logprobs: str = _option("generate", "Where π_old's per-token log-probs come from: "
+                                            "generate (recorded from the sampling steps' own "
+                                            "logits, no extra pass) | recompute (a no-grad "
+                                            "forward over the rollout).")
+    dynamic_sampling: bool | None = _option(None, "Keep only questions with 0 < r̂ < 1 and "
+                                                  "generate more until the batch is full "
+                                                  "(default: on for nft, rft, dapo, infonca; off "
+                                                  "for grpo, dr_grpo).")
+    max_gen_batches: int = _option(4, "Most generation rounds per step when dynamic sampling.")
+    overlong_shaping: bool | None = _option(None, "DAPO's soft penalty for answers in the last "
+                                                  "overlong_buffer of max_new_tokens "
+                                                  "(default: on for dapo only).")
+    overlong_buffer: float = _option(0.25, "Fraction of max_new_tokens in which the overlong "
+                                           "penalty ramps from 0 to −1 (DAPO: 4K of 20K).")
     # --- Algorithm 1: update ---
-    minibatches: int = _f(4, "Optimizer steps per rollout; later ones are off-policy "
-                             "(paper: 16).")
-    micro_batch_tokens: int = _f(16384, "Padded tokens per forward/backward; bounds memory, "
-                                        "never changes the gradient.")
-    lr: float = _f(1e-6, "AdamW learning rate (paper: 1e-6).")
-    warmup_steps: int = _f(10, "Linear warm-up, in optimizer steps.")
-    lr_schedule: str = _f("constant", "After warm-up: constant | cosine.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    adam_beta1: float = _f(0.9, "AdamW β1.")
-    adam_beta2: float = _f(0.999, "AdamW β2.")
-    grad_clip: float = _f(1.0, "Clip the global gradient norm (0 = off).")
-    # --- objective hyper-parameters ---
-    eps: float = _f(1.0, "NFT: clip ε of the negative ratio (paper: 1.0).")
-    weight: str | None = _f(None, "NFT/RFT prompt weight ω: dr_grpo (1 − r̂) | grpo "
-                                  "(sqrt((1 − r̂)/r̂)) | one (default: dr_grpo for nft, "
-                                  "one for rft).")
-    clip_low: float = _f(0.2, "GRPO/DAPO: lower clip ε_low.")
-    clip_high: float = _f(0.28, "GRPO/DAPO: upper clip ε_high (clip-higher).")
-    beta: float = _f(0.1, "InfoNCA: β (paper ablates 0.1, 0.02, 0.01).")
-    sft_coef: float = _f(1.0, "InfoNCA: weight of the SFT term on correct answers.")
-    max_nan_steps: int = _f(3, "Stop after this many optimizer steps in a row with a "
-                               "non-finite loss or gradient.")
+    minibatches: int = _option(4, "Optimizer steps per rollout; later ones are off-policy "
+                                  "(paper: 16).")
+    micro_batch_tokens: int = _option(16384, "Padded tokens per forward/backward; bounds memory, "
+                                             "never changes the gradient.")
+    lr: float = _option(1e-6, "AdamW learning rate (paper: 1e-6).")
+    warmup_steps: int = _option(10, "Linear warm-up, in optimizer steps.")
+    lr_schedule: str = _option("constant", "After warm-up: constant | cosine.")
+    weight_decay: float = _option(0.0, "AdamW weight decay.")
+    adam_beta1: float = _option(0.9, "AdamW β1.")
+    adam_beta2: float = _option(0.999, "AdamW β2.")
+    grad_clip: float = _option(1.0, "Clip the global gradient norm (0 = off).")
+    # --- objective hyper-parameters (None: the objective's registered default) ---
+    eps: float | None = _option(None, "NFT: clip ε of the negative ratio (default 1.0, the "
+                                      "paper's).")
+    weight: str | None = _option(None, "NFT/RFT prompt weight ω: dr_grpo (1 − r̂) | grpo "
+                                       "(sqrt((1 − r̂)/r̂)) | one (default: dr_grpo for nft, "
+                                       "one for rft).")
+    clip_low: float | None = _option(None, "GRPO/Dr.GRPO/DAPO: lower clip ε_low (default 0.2).")
+    clip_high: float | None = _option(None, "GRPO/Dr.GRPO/DAPO: upper clip ε_high, "
+                                            "clip-higher (default 0.28).")
+    beta: float | None = _option(None, "InfoNCA: β (default 0.1; the paper ablates 0.1, 0.02, "
+                                       "0.01).")
+    sft_coef: float | None = _option(None, "InfoNCA: weight of the SFT term on correct answers "
+                                           "(default 1.0).")
+    objective_args: str = _option("", "Hyper-parameters without a key of their own (a plugin "
+                                      "objective's): name=value,name=value.")
+    max_nan_steps: int = _option(3, "Stop after this many optimizer steps in a row with a "
+                                    "non-finite loss or gradient.")
     # --- verification ---
-    verify_workers: int | None = _f(None, "Verifier processes (default: CPU count, max 8).")
-    verify_timeout_s: float = _f(5.0, "Time limit per verification.")
+    verify_workers: int | None = _option(None, "Verifier processes (default: CPU count, max 8).")
+    verify_timeout_s: float = _option(5.0, "Time limit per verification.")
     # --- evaluation during training ---
-    eval_every: int = _f(0, "Evaluate every N steps and at the end (0 = never).")
-    eval_data: str = _f("", "Comma-separated evaluation sets (names or paths).")
-    eval_limit: int | None = _f(None, "Evaluate on the first N questions of each set.")
-    eval_k: int = _f(1, "Samples per evaluation question (avg@k).")
-    eval_temperature: float = _f(0.0, "Evaluation temperature (0 = greedy).")
-    eval_top_p: float = _f(1.0, "Evaluation nucleus sampling.")
-    eval_max_new_tokens: int | None = _f(None, "Evaluation response limit "
-                                               "(default: max_new_tokens).")
+    eval_every: int = _option(0, "Evaluate every N steps and at the end (0 = never).")
+    eval_data: str = _option("", "Comma-separated evaluation sets (names or paths).")
+    eval_limit: int | None = _option(None, "Evaluate on the first N questions of each set.")
+    eval_k: int = _option(1, "Samples per evaluation question (avg@k).")
+    eval_temperature: float = _option(0.0, "Evaluation temperature (0 = greedy).")
+    eval_top_p: float = _option(1.0, "Evaluation nucleus sampling.")
+    eval_max_new_tokens: int | None = _option(None, "Evaluation response limit "
+                                                    "(default: max_new_tokens).")
     # --- bookkeeping ---
-    save_every: int = _f(50, "Checkpoint every N steps (0 = only final/).")
-    keep_checkpoints: int = _f(2, "Keep the last N step checkpoints.")
-    report_to: str = _f("none", "none | tensorboard | wandb (wandb offline works without "
-                                "network).")
+    save_every: int = _option(50, "Checkpoint every N steps (0 = only final/).")
+    keep_checkpoints: int = _option(2, "Keep the last N step checkpoints.")
+    report_to: str = _option("none", "none | tensorboard | wandb (wandb offline works without "
+                                     "network).")
 
     def resolve(self) -> TrainConfig:
         """Fill per-algorithm defaults and validate; returns self."""
-        if self.algo not in ALGOS:
-            raise ValueError(f"algo: unknown {self.algo!r}; valid: {list(ALGOS)}")
-        if self.weight is None:
-            self.weight = {"nft": "dr_grpo", "rft": "one"}.get(self.algo)
+        from nftune.objectives import get_objective
+        from nftune.plugins import import_plugins
+
+        import_plugins(self.plugins)
+        objective = get_objective(self.algo)
+        extra = self.extra_hparams()
+        for name in list(extra) + [n for n in OBJECTIVE_KEYS if getattr(self, n) is not None]:
+            if name not in objective.hparams:
+                raise ValueError(f"{name}: not a hyper-parameter of {self.algo} "
+                                 f"(it takes: {', '.join(objective.hparams) or 'none'})")
+        for name, default in objective.hparams.items():
+            if name in OBJECTIVE_KEYS and getattr(self, name) is None:
+                setattr(self, name, default)
+        from nftune.rollout import ENGINES
+
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine: unknown {self.engine!r}; valid: {sorted(ENGINES)}")
         if self.dynamic_sampling is None:
-            self.dynamic_sampling = self.algo not in ("grpo", "dr_grpo")
+            self.dynamic_sampling = objective.dynamic_sampling
         if self.overlong_shaping is None:
-            self.overlong_shaping = self.algo == "dapo"
+            self.overlong_shaping = objective.overlong_shaping
+        if self.overlong_shaping and not objective.overlong_shaping:
+            raise ValueError(f"overlong_shaping: {self.algo} does not use a shaped reward")
         checks = [
             (self.steps >= 1, f"steps: must be at least 1, got {self.steps}"),
             (self.keep_checkpoints >= 1, "keep_checkpoints: must be at least 1 (0 would delete "
@@ -151,26 +174,34 @@ class TrainConfig:
             (self.report_to in ("none", "tensorboard", "wandb"),
              "report_to: none, tensorboard or wandb"),
             (0 < self.overlong_buffer < 1, "overlong_buffer: a fraction in (0, 1)"),
-            (self.eps > 0, "eps: must be positive"),
+            (self.eps is None or self.eps > 0, "eps: must be positive"),
             (self.max_new_tokens >= 1, "max_new_tokens: must be at least 1"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        if self.weight is not None and self.algo not in ("nft", "rft"):
-            raise ValueError(f"weight: only nft and rft take a prompt weight, not {self.algo}")
         return self
 
+    def extra_hparams(self) -> dict[str, Any]:
+        """``objective_args`` as a dict, each value typed as YAML reads it."""
+        out = {}
+        for item in filter(None, (part.strip() for part in self.objective_args.split(","))):
+            name, eq, value = item.partition("=")
+            if not eq or not name.strip():
+                raise ValueError(f"objective_args: expected name=value, got {item!r}")
+            out[name.strip()] = yaml.safe_load(value)
+        return out
+
     def objective_hparams(self) -> dict[str, Any]:
-        """The keyword arguments of ``compute_loss`` for this algorithm."""
-        return {
-            "nft": {"eps": self.eps, "weight": self.weight},
-            "rft": {"weight": self.weight},
-            "grpo": {"clip_low": self.clip_low, "clip_high": self.clip_high},
-            "dr_grpo": {"clip_low": self.clip_low, "clip_high": self.clip_high},
-            "dapo": {"clip_low": self.clip_low, "clip_high": self.clip_high},
-            "infonca": {"beta": self.beta, "sft_coef": self.sft_coef},
-        }[self.algo]
+        """The objective's hyper-parameters for this run: the config's keys, then
+        ``objective_args``, then the registered defaults."""
+        from nftune.objectives import get_objective
+
+        hparams = dict(get_objective(self.algo).hparams)
+        hparams.update({k: getattr(self, k) for k in hparams
+                        if k in OBJECTIVE_KEYS and getattr(self, k) is not None})
+        hparams.update(self.extra_hparams())
+        return hparams
 
     def check_resume(self, saved: dict[str, Any], allow_changes: bool = False) -> list[str]:
         """Compare with the config a checkpoint was saved under. Returns the keys that changed
@@ -199,6 +230,10 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# the config keys that are objectives' hyper-parameters (others go through objective_args)
+OBJECTIVE_KEYS = ("eps", "weight", "clip_low", "clip_high", "beta", "sft_coef")
 
 
 def field_help() -> list[tuple[str, str, Any]]:

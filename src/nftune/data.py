@@ -1,4 +1,5 @@
-"""Question sets: loading by name or path, cleaning, and prompt templates.
+"""Question sets: loading by name or path, cleaning, prompt templates, and the order in which
+training draws them (:class:`PromptSampler`).
 
 Every loader returns :class:`Question` rows (``id``, ``problem``, ``answer``, ``source``).
 Known names map to a Hugging Face hub copy and its schema; ``data_dir`` (or the environment
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import warnings
 from collections import Counter, defaultdict
@@ -401,3 +403,33 @@ def summary(qs: QuestionSet) -> dict[str, Any]:
         "problem_chars_median": lengths[len(lengths) // 2],
         "integer_answers": sum(bool(re.fullmatch(r"-?\d+", q.answer)) for q in qs),
     }
+
+
+class PromptSampler:
+    """A seeded order over the questions, reshuffled each epoch, resumable from its state."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        order = list(range(self.n))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def take(self, count: int) -> list[int]:
+        out = []
+        while len(out) < count:
+            if self.pos >= self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._permutation()
+            out.append(self._order[self.pos])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._order = self._permutation()

@@ -17,9 +17,10 @@ import torch
 
 from nftune.config import build_config
 from nftune.evaluate import EvalResult, evaluate_questions
+from nftune.policy import load_policy
 from nftune.tasks.arithmetic import make_questions
 from nftune.tasks.base_model import TEMPLATE, BaseSpec, cached_base_model
-from nftune.train import load_policy, train
+from nftune.train import train
 from nftune.verify import Verifier
 
 
@@ -44,6 +45,17 @@ class DemoSettings:
     eval_every: int = 20
 
 
+    def train_config(self, base_dir: Path, out: Path) -> dict[str, Any]:
+        """The trainer's config for these settings (the task's splits written to ``out``
+        by :func:`write_splits`)."""
+        return dict(
+            model=str(base_dir), train_data=str(out / "train.jsonl"), template=TEMPLATE,
+            device="cpu", steps=self.steps, prompts_per_step=self.prompts_per_step,
+            answers_per_prompt=self.answers_per_prompt, max_new_tokens=self.max_new_tokens,
+            lr=self.lr, warmup_steps=self.warmup_steps, minibatches=self.minibatches,
+            gen_batch_size=256, eval_every=self.eval_every, eval_temperature=1.0)
+
+
 QUICK = DemoSettings(
     base=BaseSpec(level=1, hidden=48, layers=2, sft_steps=200, train_problems=600, noise=0.2),
     train_questions=500, test_questions=48, eval_k=2, curve_questions=48, steps=4,
@@ -56,8 +68,18 @@ def default_cache_dir() -> Path:
     return Path(root) / "demo-base"
 
 
-def _write_split(path: Path, questions) -> None:
-    path.write_text("".join(json.dumps(asdict(q)) + "\n" for q in questions))
+def write_splits(out: Path, settings: DemoSettings) -> tuple[list, list]:
+    """The task's train and test splits as train.jsonl, test.jsonl and curve.jsonl (the first
+    ``curve_questions`` of test) in ``out``; returns (train, test) questions."""
+    level = settings.base.level
+    train_qs = make_questions(settings.train_questions, "train", 0, level)
+    test_qs = make_questions(settings.test_questions, "test", 0, level)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, questions in (("train", train_qs), ("test", test_qs),
+                            ("curve", test_qs[: settings.curve_questions])):
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(asdict(q)) + "\n"
+                                                  for q in questions))
+    return train_qs, test_qs
 
 
 def _evaluate_both(model, tokenizer, questions, settings: DemoSettings, verifier: Verifier
@@ -124,7 +146,8 @@ def run_demo(algo: str = "nft", steps: int | None = None, quick: bool = False, s
     settings = QUICK if quick else DemoSettings()
     base_changes = {k: v for k, v in (("level", level), ("seed", base_seed)) if v is not None}
     changes = {**(overrides or {}), **({"steps": steps} if steps is not None else {})}
-    settings = replace(settings, base=replace(settings.base, **base_changes), **changes)
+    settings = replace(settings, **changes)
+    settings = replace(settings, base=replace(settings.base, **base_changes))
     torch.manual_seed(seed)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,11 +170,7 @@ def run_demo(algo: str = "nft", steps: int | None = None, quick: bool = False, s
     print(f"base model: {base_dir} ({origin}, {base_seconds:.0f} s)")
 
     level_ = settings.base.level
-    train_qs = make_questions(settings.train_questions, "train", 0, level_)
-    test_qs = make_questions(settings.test_questions, "test", 0, level_)
-    _write_split(out / "train.jsonl", train_qs)
-    _write_split(out / "test.jsonl", test_qs)
-    _write_split(out / "curve.jsonl", test_qs[: settings.curve_questions])
+    _, test_qs = write_splits(out, settings)
 
     verifier = Verifier(workers=min(2, os.cpu_count() or 1), strategy="auto")
     try:
@@ -161,16 +180,11 @@ def run_demo(algo: str = "nft", steps: int | None = None, quick: bool = False, s
         print(f"base: held-out accuracy {before['sampled'].avg_at_k:.1%} sampled "
               f"(avg@{settings.eval_k}), {before['greedy'].avg_at_k:.1%} greedy")
 
-        cfg = build_config(None, dict(
-            model=str(base_dir), train_data=str(out / "train.jsonl"), template=TEMPLATE,
-            algo=algo, output_dir=str(out / "run"), seed=seed, device="cpu",
-            steps=settings.steps, prompts_per_step=settings.prompts_per_step,
-            answers_per_prompt=settings.answers_per_prompt,
-            max_new_tokens=settings.max_new_tokens, lr=settings.lr,
-            warmup_steps=settings.warmup_steps,
-            minibatches=settings.minibatches, gen_batch_size=256, save_every=0,
-            eval_every=settings.eval_every, eval_data=str(out / "curve.jsonl"),
-            eval_k=settings.curve_k, eval_temperature=1.0, verify_workers=verifier.workers))
+        cfg = build_config(None, {
+            **settings.train_config(base_dir, out), "algo": algo, "seed": seed,
+            "output_dir": str(out / "run"), "save_every": 0,
+            "eval_data": str(out / "curve.jsonl"), "eval_k": settings.curve_k,
+            "verify_workers": verifier.workers})
         run_dir = out / "run"
         if run_dir.exists():
             import shutil

@@ -1,4 +1,6 @@
-"""Evaluation: sample k answers per question, grade them, report avg@k and pass@k."""
+"""Evaluation: sample k answers per question, grade them, report avg@k and pass@k; the paper's
+benchmark protocol (``nftune eval``), on a model or on someone else's responses; the held-out
+sets evaluated during training."""
 
 from __future__ import annotations
 
@@ -9,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nftune.data import Question, format_prompt, strategy_for
-from nftune.rollout import generate_rollout
+from nftune.data import Question, format_prompt, load_questions, strategy_for
+from nftune.rollout import GenerationEngine, HFEngine
 from nftune.verify import Verifier
 
 
@@ -39,20 +41,18 @@ class EvalResult:
 def evaluate_questions(model, tokenizer, questions: list[Question], *, name: str = "eval",
                        k: int = 1, temperature: float = 0.0, top_p: float = 1.0,
                        max_new_tokens: int = 256, template: str = "dapo",
-                       batch_size: int = 64, verifier: Verifier) -> EvalResult:
-    """Generate ``k`` answers per question (greedy when temperature is 0) and grade them."""
+                       batch_size: int = 64, verifier: Verifier,
+                       engine: GenerationEngine | None = None) -> EvalResult:
+    """Generate ``k`` answers per question (greedy when temperature is 0) with ``engine``
+    (default: Hugging Face ``generate`` on ``model``) and grade them."""
     if temperature <= 0:
         k = 1
-    was_training = model.training
-    model.eval()
+    engine = engine or HFEngine(model, tokenizer, batch_size)
     prompts = [format_prompt(q.problem, template, tokenizer) for q in questions]
     start = time.perf_counter()
-    rollout = generate_rollout(model, tokenizer, prompts, k, max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_p=top_p, top_k=0,
-                               batch_size=batch_size, logprobs_from=None)
+    rollout = engine.generate(prompts, k, max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_p=top_p, top_k=0)
     generate_s = time.perf_counter() - start
-    if was_training:
-        model.train()
     cut = rollout.truncated.cpu().tolist()
     result = grade_items(name, questions,
                          [rollout.texts[i * k:(i + 1) * k] for i in range(len(questions))],
@@ -62,6 +62,32 @@ def evaluate_questions(model, tokenizer, questions: list[Question], *, name: str
     result.generate_s = generate_s
     result.response_tokens = int(rollout.response_mask.sum().item())
     return result
+
+
+def load_eval_sets(cfg) -> dict[str, list[Question]]:
+    """A training config's held-out sets (``eval_data``), by name."""
+    sets = {}
+    for name in filter(None, (n.strip() for n in cfg.eval_data.split(","))):
+        qs = load_questions(name, data_dir=cfg.data_dir, limit=cfg.eval_limit)
+        sets[Path(name).stem] = qs.questions
+    return sets
+
+
+def evaluate_sets(engine: GenerationEngine, tokenizer, eval_sets: dict[str, list[Question]],
+                  verifier: Verifier, cfg) -> dict[str, float]:
+    """The held-out metrics of a training config (``eval/<set>/avg@k``, and ``pass@k`` when
+    k > 1), as the trainer logs them."""
+    out = {}
+    for name, questions in eval_sets.items():
+        result = evaluate_questions(
+            None, tokenizer, questions, name=name, k=cfg.eval_k,
+            temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
+            max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
+            template=cfg.template, verifier=verifier, engine=engine)
+        out[f"eval/{name}/avg@{result.k}"] = result.avg_at_k
+        if result.k > 1:
+            out[f"eval/{name}/pass@{result.k}"] = result.pass_at_k
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,3 +180,93 @@ def write_eval_outputs(results: list[EvalResult], output: Path, title: str,
         lines.append("")
     md_path.write_text("\n".join(lines))
     return json_path, md_path
+
+
+# ---------------------------------------------------------------------------------------------
+# `nftune eval`: a model, or precomputed responses
+# ---------------------------------------------------------------------------------------------
+
+EXTRACTION = {"auto": "the last \\boxed{} if there is one, else the last 'Answer:' line",
+              "boxed": "the last \\boxed{}", "answer_line": "the last 'Answer:' line"}
+
+
+def check_output(output: Path) -> None:
+    """Fail before any work if results could not be written under ``output``."""
+    import os
+
+    blocker = next((p for p in output.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():  # now, not after an hour of grading
+        raise ValueError(f"--output: {blocker} is a file, not a directory")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--output: cannot create {output.parent} ({err.strerror})") from None
+    if not os.access(output.parent, os.W_OK):
+        raise ValueError(f"--output: {output.parent} is not writable")
+
+
+def read_responses(path: Path) -> dict[str, dict[str, list[str]]]:
+    """{benchmark: {id: [responses]}} from JSONL rows {benchmark, id, response|responses}."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    out: dict[str, dict[str, list[str]]] = {}
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: row {n}: invalid JSON ({err.msg})") from None
+        for key in ("benchmark", "id"):
+            if key not in row:
+                raise ValueError(f"{path}: row {n}: missing field {key!r}")
+        responses = row.get("responses", [row["response"]] if "response" in row else None)
+        if not isinstance(responses, list):
+            raise ValueError(f"{path}: row {n}: missing field 'response' or 'responses'")
+        out.setdefault(row["benchmark"], {}).setdefault(str(row["id"]), []).extend(responses)
+    return out
+
+
+def grade_responses(path: Path, benchmarks: list[str] | None, verifier: Verifier,
+                    template: str | None = None, data_dir: str | None = None
+                    ) -> tuple[list[EvalResult], str]:
+    """Grade a responses file (every benchmark in it, or ``benchmarks``); returns the results
+    and the answer-extraction strategy used. Someone else's outputs were prompted in a way we
+    do not know, so either answer form is accepted unless ``template`` names theirs."""
+    by_set = read_responses(path)
+    strategy = strategy_for(template) if template else "auto"
+    names = [n for n in benchmarks if n in by_set] if benchmarks else list(by_set)
+    results = []
+    for name in names:
+        questions = {q.id: q for q in load_questions(name, data_dir=data_dir, clean=False)}
+        rows = by_set[name]
+        missing = [i for i in rows if i not in questions]
+        if missing:
+            raise ValueError(f"{path}: {name} has no item with id {missing[0]!r}")
+        qs = [questions[i] for i in rows]
+        results.append(grade_items(name, qs, [rows[q.id] for q in qs], verifier,
+                                   strategy=strategy))
+    return results, strategy
+
+
+def evaluate_model(model_path: str, benchmarks: list[str], verifier: Verifier, *,
+                   device: str = "auto", seed: int = 0, k: int | None = None,
+                   temperature: float = 1.0, top_p: float = 0.7, max_new_tokens: int = 4096,
+                   template: str | None = None, batch_size: int = 64, limit: int | None = None,
+                   data_dir: str | None = None) -> list[EvalResult]:
+    """The paper's protocol on a model: each benchmark with its k and template unless given."""
+    import torch
+
+    from nftune.policy import load_policy, pick_device
+
+    torch.manual_seed(seed)
+    model, tokenizer = load_policy(model_path, pick_device(device))
+    engine = HFEngine(model, tokenizer, batch_size)
+    results = []
+    for name in benchmarks:
+        qs = load_questions(name, data_dir=data_dir, clean=False, limit=limit)
+        results.append(evaluate_questions(
+            model, tokenizer, qs.questions, name=Path(name).stem, k=benchmark_k(name, k),
+            temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+            template=benchmark_template(name, template), verifier=verifier, engine=engine))
+    return results

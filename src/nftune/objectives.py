@@ -1,6 +1,6 @@
 """The six training objectives of the NFT paper as pure functions on per-token tensors.
 
-Every objective sees the same inputs, for B answers padded to T tokens:
+Every objective takes one :class:`ObjectiveInput`, for B answers padded to T tokens:
 
     logprobs      (B, T)  log π_θ(a_t | q, a_<t), carries the gradient
     old_logprobs  (B, T)  log π_old(a_t | q, a_<t), recorded at rollout
@@ -8,7 +8,11 @@ Every objective sees the same inputs, for B answers padded to T tokens:
     correct       (B,)    verifier outcome r ∈ {0, 1}
     r_hat         (B,)    r̂_q, accuracy of the answer's group (K answers of one question)
 
-and the public entry point is :func:`compute_loss`. Token-level objectives sum the per-token
+plus group ids and normalisers, and its hyper-parameters as keyword-only arguments. An
+objective is registered with :func:`register_objective`, which also declares what the training
+loop must know about it (dynamic sampling by default, whole groups per micro-batch, reward
+shaping); the loop, the config and the CLI read the registry and never an algorithm's name.
+The public entry point is :func:`compute_loss`. Token-level objectives sum the per-token
 loss over answers and response tokens and divide by ``num_tokens`` (default: ``mask.sum()``), so
 a mini-batch split into micro-batches, each given the mini-batch's token count, accumulates the
 same gradient as the whole.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -235,23 +240,78 @@ def infonca_group_loss(
 
 
 # ---------------------------------------------------------------------------------------------
-# Registry and the public entry point
+# One input shape, one registry
 # ---------------------------------------------------------------------------------------------
 
+
+@dataclass
+class ObjectiveInput:
+    """What every objective sees, for B answers padded to T tokens. Built (and checked) by
+    :func:`compute_loss`; ``log_ratio`` is filled in from the log-probs."""
+
+    logprobs: Tensor  # (B, T) log π_θ, carries the gradient
+    old_logprobs: Tensor  # (B, T) log π_old, recorded at rollout
+    mask: Tensor  # (B, T) 1 on response tokens
+    correct: Tensor  # (B,) verifier outcome r ∈ {0, 1}
+    r_hat: Tensor  # (B,) accuracy of the answer's group
+    group_ids: Tensor | None = None  # (B,) which question each answer answers
+    num_tokens: Tensor | float | None = None  # normaliser of token sums (default mask.sum())
+    num_groups: int | None = None  # InfoNCA's G: groups with a correct answer
+    num_sft_tokens: Tensor | float | None = None  # response tokens of correct answers
+    overlong_penalty: Tensor | None = None  # (B,) ≤ 0, reward shaping (DAPO)
+    log_ratio: Tensor = field(init=False)  # (B, T) log R_t, exactly 0 off the response
+
+
 ObjectiveFn = Callable[..., tuple[Tensor, Metrics]]
-OBJECTIVES: dict[str, ObjectiveFn] = {}
 
 
-def register_objective(name: str) -> Callable[[ObjectiveFn], ObjectiveFn]:
-    """Register an objective under ``name``; a duplicate name is an error."""
+@dataclass(frozen=True)
+class Objective:
+    """A registered objective: its loss and what the training loop must know about it."""
+
+    name: str
+    loss: ObjectiveFn  # loss(x: ObjectiveInput, **hparams) -> (scalar loss, float metrics)
+    hparams: dict[str, Any]  # its keyword-only hyper-parameters and their defaults
+    dynamic_sampling: bool  # default of TrainConfig.dynamic_sampling
+    whole_groups: bool  # the loss couples a group's answers: micro-batches keep groups whole
+    # reads x.overlong_penalty (group-normalised: groups kept whole when it is on); default of
+    # TrainConfig.overlong_shaping, which is an error for an objective without it
+    overlong_shaping: bool
+    needs_group_ids: bool
+    # which answers carry a learning signal: a mini-batch without any is skipped
+    signal: Callable[[Tensor, Tensor], Tensor]
+
+
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register_objective(name: str, *, dynamic_sampling: bool = True, whole_groups: bool = False,
+                       overlong_shaping: bool = False, needs_group_ids: bool = False,
+                       signal: Callable[[Tensor, Tensor], Tensor] | None = None
+                       ) -> Callable[[ObjectiveFn], ObjectiveFn]:
+    """Register ``loss(x: ObjectiveInput, *, hparam=default, ...)`` under ``name``; its
+    keyword-only parameters are its hyper-parameters (config keys of the same name set them).
+    ``signal(correct, r_hat)`` marks the answers that carry a learning signal (default: those
+    of groups with 0 < r̂ < 1). A duplicate name is an error."""
 
     def wrap(fn: ObjectiveFn) -> ObjectiveFn:
         if name in OBJECTIVES:
             raise ValueError(f"objective {name!r} is already registered")
-        OBJECTIVES[name] = fn
+        params = inspect.signature(fn).parameters.values()
+        hparams = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+        OBJECTIVES[name] = Objective(
+            name, fn, hparams, dynamic_sampling, whole_groups, overlong_shaping,
+            needs_group_ids or whole_groups,
+            signal or (lambda correct, r_hat: informative(r_hat)))
         return fn
 
     return wrap
+
+
+def get_objective(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise ValueError(f"algo: unknown objective {name!r}; valid: {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name]
 
 
 def _ratio_stats(log_ratio: Tensor, mask: Tensor) -> dict[str, Tensor]:
@@ -277,129 +337,142 @@ def _to_floats(values: dict[str, Tensor]) -> Metrics:
     return dict(zip(values, floats, strict=True))
 
 
-def _finish(parts: dict[str, Tensor], clipped: Tensor, log_ratio: Tensor, mask: Tensor,
-            num_tokens: Tensor, clip_over: Tensor | None = None) -> tuple[Tensor, Metrics]:
-    """Token-mean aggregation: Σ (per-token loss · mask) / num_tokens, plus diagnostics;
-    ``clip_fraction`` is over the tokens of ``clip_over`` (B, 1) rows (default: all)."""
-    sums = {k: token_sum(v, mask) / num_tokens for k, v in parts.items()}
-    loss = sums["loss"]
-    n = (mask if clip_over is None else mask * clip_over).sum().clamp(min=1)
-    stats = {**sums, "clip_fraction": token_sum(clipped, mask) / n,
-             **_ratio_stats(log_ratio, mask)}
-    return loss, _to_floats(stats)
+def token_mean_loss(parts: dict[str, Tensor], x: ObjectiveInput, clipped: Tensor | None = None,
+                    clip_over: Tensor | None = None) -> tuple[Tensor, Metrics]:
+    """Token-mean aggregation of (B, T) per-token losses: Σ (loss · mask) / num_tokens for each
+    of ``parts`` (``loss`` is the one returned; ``loss_pos`` and ``loss_neg`` are expected by
+    the loop's metrics), plus the ratio diagnostics and, given ``clipped``, ``clip_fraction``
+    over the tokens of the ``clip_over`` (B, 1) rows (default: all). For objectives of your
+    own too."""
+    log_ratio, mask, num_tokens = x.log_ratio, x.mask, x.num_tokens
+    stats = {k: token_sum(v, mask) / num_tokens for k, v in parts.items()}
+    if clipped is not None:
+        n = (mask if clip_over is None else mask * clip_over).sum().clamp(min=1)
+        stats["clip_fraction"] = token_sum(clipped, mask) / n
+    stats.update(_ratio_stats(log_ratio, mask))
+    return stats["loss"], _to_floats(stats)
 
 
 @register_objective("nft")
-def nft(log_ratio, mask, correct, r_hat, num_tokens, *, weight="dr_grpo", eps=1.0):
+def nft(x: ObjectiveInput, *, weight: str = "dr_grpo", eps: float = 1.0):
     """Negative-aware Fine-Tuning (Eq. 10); see :func:`nft_token_loss`."""
-    loss, pos, neg, clipped = nft_token_loss(log_ratio, correct, r_hat, weight, eps)
-    wrong = (1.0 - correct.to(log_ratio.dtype))[:, None]  # clip_fraction: of wrong answers
-    return _finish({"loss": loss, "loss_pos": pos, "loss_neg": neg}, clipped, log_ratio, mask,
-                   num_tokens, clip_over=wrong)
+    loss, pos, neg, clipped = nft_token_loss(x.log_ratio, x.correct, x.r_hat, weight, eps)
+    wrong = (1.0 - x.correct.to(x.log_ratio.dtype))[:, None]  # clip_fraction: of wrong answers
+    parts = {"loss": loss, "loss_pos": pos, "loss_neg": neg}
+    return token_mean_loss(parts, x, clipped, clip_over=wrong)
 
 
 @register_objective("rft")
-def rft(log_ratio, mask, correct, r_hat, num_tokens, *, weight="one"):
+def rft(x: ObjectiveInput, *, weight: str = "one"):
     """Rejection-sampling fine-tuning: NFT's positive term only, ω = 1 by default.
 
         L_t = − ω(q) · r · log R_t    (gradient of − r log π_θ: likelihood of correct answers)
     """
-    loss, pos, neg, clipped = nft_token_loss(log_ratio, correct, r_hat, weight, positive_only=True)
-    return _finish({"loss": loss, "loss_pos": pos, "loss_neg": neg}, clipped, log_ratio, mask,
-                   num_tokens)
+    loss, pos, neg, clipped = nft_token_loss(x.log_ratio, x.correct, x.r_hat, weight,
+                                             positive_only=True)
+    return token_mean_loss({"loss": loss, "loss_pos": pos, "loss_neg": neg}, x, clipped)
 
 
-def _policy_gradient(log_ratio, mask, correct, r_hat, num_tokens, normalise_std, clip_low,
-                     clip_high):
-    adv = group_advantage(correct, r_hat, normalise_std)
-    return _pg_with_advantage(log_ratio, mask, adv, num_tokens, clip_low, clip_high)
-
-
-def _pg_with_advantage(log_ratio, mask, adv, num_tokens, clip_low, clip_high):
-    loss, clipped = clipped_pg_token_loss(log_ratio, adv, clip_low, clip_high)
+def _pg_with_advantage(x: ObjectiveInput, adv: Tensor, clip_low: float, clip_high: float):
+    loss, clipped = clipped_pg_token_loss(x.log_ratio, adv, clip_low, clip_high)
     positive = (adv > 0)[:, None].to(loss.dtype)
     parts = {"loss": loss, "loss_pos": loss * positive, "loss_neg": loss * (1 - positive)}
-    return _finish(parts, clipped, log_ratio, mask, num_tokens)
+    return token_mean_loss(parts, x, clipped)
 
 
-@register_objective("grpo")
-def grpo(log_ratio, mask, correct, r_hat, num_tokens, *, clip_low=0.2, clip_high=0.28):
+@register_objective("grpo", dynamic_sampling=False)
+def grpo(x: ObjectiveInput, *, clip_low: float = 0.2, clip_high: float = 0.28):
     """GRPO (Eq. 3) with DAPO's clip-higher and token-level loss, Â = (r − r̂)/std."""
-    return _policy_gradient(log_ratio, mask, correct, r_hat, num_tokens, True, clip_low, clip_high)
+    adv = group_advantage(x.correct, x.r_hat, normalise_std=True)
+    return _pg_with_advantage(x, adv, clip_low, clip_high)
 
 
-@register_objective("dr_grpo")
-def dr_grpo(log_ratio, mask, correct, r_hat, num_tokens, *, clip_low=0.2, clip_high=0.28):
+@register_objective("dr_grpo", dynamic_sampling=False)
+def dr_grpo(x: ObjectiveInput, *, clip_low: float = 0.2, clip_high: float = 0.28):
     """Dr.GRPO: GRPO without the std division, Â = r − r̂."""
-    return _policy_gradient(log_ratio, mask, correct, r_hat, num_tokens, False, clip_low,
-                            clip_high)
+    adv = group_advantage(x.correct, x.r_hat, normalise_std=False)
+    return _pg_with_advantage(x, adv, clip_low, clip_high)
 
 
-@register_objective("dapo")
-def dapo(log_ratio, mask, correct, r_hat, num_tokens, *, group_ids=None, clip_low=0.2,
-         clip_high=0.28, overlong_penalty=None):
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer_fraction: float
+                     ) -> torch.Tensor:
+    """DAPO's soft overlong punishment: 0 up to L_max − L_cache, then falling linearly to −1 at
+    L_max, with L_cache = buffer_fraction · L_max."""
+    cache = max(1, int(round(buffer_fraction * max_new_tokens)))
+    start = max_new_tokens - cache
+    return ((start - lengths.float()) / cache).clamp(min=-1.0, max=0.0)
+
+
+@register_objective("dapo", overlong_shaping=True)
+def dapo(x: ObjectiveInput, *, clip_low: float = 0.2, clip_high: float = 0.28):
     """DAPO's per-token objective is GRPO's (Eq. 3, clip-higher, token-mean).
 
     Dynamic sampling lives in the training loop. Overlong reward shaping arrives as
-    ``overlong_penalty`` (B,) ≤ 0, added to DAPO's rule-based reward ±1 (correct +1, wrong −1,
-    DAPO Eq. 9) before the group normalisation (needs ``group_ids``). Without the penalty ±1
-    and {0, 1} give the same normalised advantage; with it, the scale sets how strongly length
-    counts against correctness, so it is DAPO's.
+    ``x.overlong_penalty`` (B,) ≤ 0, added to DAPO's rule-based reward ±1 (correct +1, wrong
+    −1, DAPO Eq. 9) before the group normalisation (needs ``group_ids``). Without the penalty
+    ±1 and {0, 1} give the same normalised advantage; with it, the scale sets how strongly
+    length counts against correctness, so it is DAPO's.
     """
-    if overlong_penalty is None:
-        return _policy_gradient(log_ratio, mask, correct, r_hat, num_tokens, True, clip_low,
-                                clip_high)
-    if group_ids is None:
-        raise ValueError("group_ids: required by 'dapo' with overlong_penalty")
-    rewards = 2.0 * correct.to(log_ratio.dtype) - 1.0 + overlong_penalty.to(log_ratio.dtype)
-    adv = shaped_group_advantage(rewards, group_ids, r_hat)
-    return _pg_with_advantage(log_ratio, mask, adv, num_tokens, clip_low, clip_high)
+    if x.overlong_penalty is None:
+        adv = group_advantage(x.correct, x.r_hat, normalise_std=True)
+    else:
+        if x.group_ids is None:
+            raise ValueError("group_ids: required by 'dapo' with overlong_penalty")
+        dtype = x.log_ratio.dtype
+        rewards = 2.0 * x.correct.to(dtype) - 1.0 + x.overlong_penalty.to(dtype)
+        adv = shaped_group_advantage(rewards, x.group_ids, x.r_hat)
+    return _pg_with_advantage(x, adv, clip_low, clip_high)
 
 
-@register_objective("infonca")
-def infonca(log_ratio, mask, correct, r_hat, num_tokens, *, logprobs, group_ids, beta=0.1,
-            sft_coef=1.0, num_groups=None, num_sft_tokens=None):
+@register_objective("infonca", whole_groups=True,
+                    signal=lambda correct, r_hat: correct > 0)
+def infonca(x: ObjectiveInput, *, beta: float = 0.1, sft_coef: float = 1.0):
     """Iterative DPO via InfoNCA plus an SFT term on the correct answers.
 
         L = (1 / G) Σ_q L_q^InfoNCA + sft_coef · (− Σ_{correct tokens} log π_θ) / N_sft
 
-    G (``num_groups``) defaults to the groups with a correct answer in this batch and N_sft
-    (``num_sft_tokens``) to the response tokens of correct answers; pass the mini-batch's
+    G (``x.num_groups``) defaults to the groups with a correct answer in this batch and N_sft
+    (``x.num_sft_tokens``) to the response tokens of correct answers; pass the mini-batch's
     values when micro-batching.
     """
-    if group_ids is None:
-        raise ValueError("group_ids: required by 'infonca' (which question each answer belongs to)")
-    m = mask.to(log_ratio.dtype)
-    seq_log_ratio = (log_ratio * m).sum(dim=1)  # s_θ(q, a)
-    nca_sum, contributing = infonca_group_loss(seq_log_ratio, correct, group_ids, beta)
-    g = num_groups if num_groups is not None else max(contributing, 1)
-    r = correct.to(log_ratio.dtype)[:, None]
-    n_sft = num_sft_tokens if num_sft_tokens is not None else (m * r).sum().clamp(min=1)
-    sft = -torch.where((m * r) > 0, logprobs, 0.0).sum() / n_sft
+    m = x.mask
+    seq_log_ratio = (x.log_ratio * m).sum(dim=1)  # s_θ(q, a)
+    nca_sum, contributing = infonca_group_loss(seq_log_ratio, x.correct, x.group_ids, beta)
+    g = x.num_groups if x.num_groups is not None else max(contributing, 1)
+    r = x.correct.to(x.log_ratio.dtype)[:, None]
+    n_sft = x.num_sft_tokens if x.num_sft_tokens is not None else (m * r).sum().clamp(min=1)
+    sft = -torch.where((m * r) > 0, x.logprobs, 0.0).sum() / n_sft
     nca = nca_sum / g
     loss = nca + sft_coef * sft
     metrics = _to_floats({"loss": loss, "loss_pos": sft_coef * sft, "loss_neg": nca,
-                          **_ratio_stats(log_ratio, mask)})
+                          **_ratio_stats(x.log_ratio, m)})
     metrics.update(groups_with_positive=float(contributing))  # nothing is clipped: no key
     return loss, metrics
 
 
-def _check_inputs(logprobs, old_logprobs, mask, correct, r_hat, group_ids, num_tokens) -> None:
+def _check_inputs(x: ObjectiveInput, objective: Objective) -> None:
+    logprobs = x.logprobs
     if not isinstance(logprobs, Tensor) or logprobs.dim() != 2:
         raise ValueError(f"logprobs: expected a (B, T) tensor, got {_describe(logprobs)}")
     shape = tuple(logprobs.shape)
-    for name, t in (("old_logprobs", old_logprobs), ("mask", mask)):
+    for name in ("old_logprobs", "mask"):
+        t = getattr(x, name)
         if not isinstance(t, Tensor) or tuple(t.shape) != shape:
             raise ValueError(f"{name}: expected shape {shape} like logprobs, got {_describe(t)}")
-    for name, t in (("correct", correct), ("r_hat", r_hat), ("group_ids", group_ids)):
-        if t is None and name == "group_ids":
+    if x.group_ids is None and objective.needs_group_ids:
+        raise ValueError(f"group_ids: required by {objective.name!r} (which question each "
+                         "answer belongs to)")
+    for name in ("correct", "r_hat", "group_ids", "overlong_penalty"):
+        t = getattr(x, name)
+        if t is None and name in ("group_ids", "overlong_penalty"):
             continue
         if not isinstance(t, Tensor) or tuple(t.shape) != shape[:1]:
             raise ValueError(f"{name}: expected shape ({shape[0]},), got {_describe(t)}")
+    r_hat, correct, mask = x.r_hat, x.correct, x.mask
     # every value check at once, one host read; the first that fails is reported
     problems = [
         (torch.isnan(logprobs).any(), lambda: "logprobs: contains NaN"),
-        (torch.isnan(old_logprobs).any(), lambda: "old_logprobs: contains NaN"),
+        (torch.isnan(x.old_logprobs).any(), lambda: "old_logprobs: contains NaN"),
         (torch.isnan(r_hat).any(), lambda: "r_hat: contains NaN"),
         (((r_hat < 0) | (r_hat > 1)).any(),
          lambda: f"r_hat: values must lie in [0, 1], got min {r_hat.min().item():g} "
@@ -407,31 +480,17 @@ def _check_inputs(logprobs, old_logprobs, mask, correct, r_hat, group_ids, num_t
         (~((correct == 0) | (correct == 1)).all(), lambda: "correct: values must be 0/1 or bool"),
         (~((mask == 0) | (mask == 1)).all(), lambda: "mask: values must be 0/1 or bool"),
     ]
-    if num_tokens is not None:
-        problems.append((torch.as_tensor(num_tokens) <= 0,
-                         lambda: f"num_tokens: must be positive, got {float(num_tokens)}"))
+    if x.num_tokens is not None:
+        problems.append((torch.as_tensor(x.num_tokens) <= 0,
+                         lambda: f"num_tokens: must be positive, got {float(x.num_tokens)}"))
     flags = torch.stack([bad.to(logprobs.device).reshape(()) for bad, _ in problems]).tolist()
     for failed, (_, message) in zip(flags, problems, strict=True):
         if failed:
             raise ValueError(message())
 
 
-def hparam_names(algo: str) -> list[str]:
-    """The hyper-parameters objective ``algo`` accepts, with their defaults' names."""
-    params = inspect.signature(OBJECTIVES[algo]).parameters.values()
-    return [p.name for p in params
-            if p.kind is p.KEYWORD_ONLY and p.name not in ("logprobs", "group_ids")]
-
-
-def _check_hparams(algo: str, fn: ObjectiveFn, hparams: dict[str, Any]) -> None:
-    unknown = set(hparams) - set(hparam_names(algo)) - {"logprobs", "group_ids"}
-    if unknown:
-        raise ValueError(f"hparams: {sorted(unknown)} not accepted by {algo!r}; "
-                         f"valid: {hparam_names(algo)}")
-
-
-def _describe(x: Any) -> str:
-    return f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+def _describe(value: Any) -> str:
+    return f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
 
 
 def compute_loss(
@@ -443,45 +502,44 @@ def compute_loss(
     r_hat: Tensor,
     group_ids: Tensor | None = None,
     num_tokens: float | Tensor | None = None,
+    *,
+    num_groups: int | None = None,
+    num_sft_tokens: float | Tensor | None = None,
+    overlong_penalty: Tensor | None = None,
     **hparams: Any,
 ) -> tuple[Tensor, Metrics]:
     """The loss of objective ``algo`` on one (micro-)batch, and float diagnostics.
 
     Args:
-        algo: one of ``OBJECTIVES``: "nft", "rft", "grpo", "dr_grpo", "dapo", "infonca".
-        logprobs: (B, T) current policy per-token log-probs (carries the gradient).
-        old_logprobs: (B, T) rollout policy per-token log-probs.
-        mask: (B, T) 1 on response tokens.
-        correct: (B,) verifier outcome per answer.
-        r_hat: (B,) accuracy of the answer's group.
-        group_ids: (B,) question index of each answer (required by "infonca").
-        num_tokens: normaliser of token-level losses; default ``mask.sum()``.
-        **hparams: eps, weight, clip_low, clip_high, beta, sft_coef, num_groups, num_sft_tokens.
+        algo: a name in ``OBJECTIVES``: "nft", "rft", "grpo", "dr_grpo", "dapo", "infonca".
+        logprobs, old_logprobs, mask, correct, r_hat, group_ids, num_tokens, num_groups,
+            num_sft_tokens, overlong_penalty: the fields of :class:`ObjectiveInput`.
+        **hparams: the objective's hyper-parameters (``OBJECTIVES[algo].hparams``; the rest
+            keep their defaults), e.g. eps and weight for NFT.
 
     Returns:
         (scalar loss, metrics) with metrics ``loss_pos``, ``loss_neg``, ``ratio_mean``,
         ``ratio_max`` and ``approx_kl`` at least, and ``clip_fraction`` where the objective
         clips (not InfoNCA).
     """
-    if algo not in OBJECTIVES:
-        raise ValueError(f"algo: unknown objective {algo!r}; valid: {sorted(OBJECTIVES)}")
-    _check_inputs(logprobs, old_logprobs, mask, correct, r_hat, group_ids, num_tokens)
+    objective = get_objective(algo)
+    x = ObjectiveInput(logprobs, old_logprobs, mask, correct, r_hat, group_ids, num_tokens,
+                       num_groups, num_sft_tokens, overlong_penalty)
+    _check_inputs(x, objective)
+    unknown = set(hparams) - set(objective.hparams)
+    if unknown:
+        raise ValueError(f"hparams: {sorted(unknown)} not accepted by {algo!r}; "
+                         f"valid: {sorted(objective.hparams)}")
     if "weight" in hparams and hparams["weight"] not in PROMPT_WEIGHTS:
         raise ValueError(f"weight: unknown prompt weight {hparams['weight']!r}; "
                          f"valid: {sorted(PROMPT_WEIGHTS)}")
-    mask = mask.to(logprobs.dtype)
-    r_hat = r_hat.to(logprobs.dtype)
+    x.mask = mask.to(logprobs.dtype)
+    x.r_hat = r_hat.to(logprobs.dtype)
     if num_tokens is None:
-        num_tokens = mask.sum().clamp(min=1)
-    fn = OBJECTIVES[algo]
-    if algo == "infonca":
-        hparams = {"logprobs": logprobs, "group_ids": group_ids, **hparams}
-    elif algo == "dapo" and hparams.get("overlong_penalty") is not None:
-        hparams = {"group_ids": group_ids, **hparams}
-    _check_hparams(algo, fn, hparams)
+        x.num_tokens = x.mask.sum().clamp(min=1)
     # log R_t, exactly 0 off the response (padding may hold any value, even -inf)
-    log_ratio = torch.where(mask > 0, logprobs - old_logprobs.detach(), 0.0)
-    loss, metrics = fn(log_ratio, mask, correct, r_hat, num_tokens, **hparams)
+    x.log_ratio = torch.where(x.mask > 0, logprobs - old_logprobs.detach(), 0.0)
+    loss, metrics = objective.loss(x, **hparams)
     if "loss" not in metrics:
         metrics["loss"] = loss.item()
     return loss, metrics

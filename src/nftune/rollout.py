@@ -4,11 +4,16 @@ One :class:`Rollout` carries a batch of B = questions × K answers between the s
 stage re-tokenises text. Prompts are left-padded to a common width P, so every response starts
 at column P; responses are right-padded to width R and end at EOS or at ``max_new_tokens``
 (truncated, and then counted as wrong by the trainer).
+
+Answers come from a generation engine (:class:`GenerationEngine`); Hugging Face ``generate``
+(:class:`HFEngine`) is the one registered in ``ENGINES`` today.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from typing import Protocol
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -66,82 +71,6 @@ class Rollout:
                        attention_mask=self.attention_mask[:, lead:end],
                        prompt_len=self.prompt_len - lead, **changes)
 
-    def to(self, device: torch.device | str) -> Rollout:
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
-                                if isinstance(getattr(self, f.name), Tensor)})
-
-
-def position_ids_for(attention_mask: Tensor) -> Tensor:
-    """Positions as Hugging Face ``generate`` assigns them to left-padded rows."""
-    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-
-
-# float32 logits handled per chunk of rows: bounds the temporaries of the log-softmax
-LOGIT_CHUNK_ELEMENTS = 2**25
-
-
-class _PickedLogSoftmax(torch.autograd.Function):
-    """log softmax(s·x)_a for one chunk of logits x and inverse temperature s, keeping only x and
-    logsumexp(s·x) for backward: d/dx_j = g · s · (1[j = a] − exp(s·x_j − logsumexp(s·x))),
-    recomputed from the logits (no scaled copy is kept)."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, scale: float) -> Tensor:
-        x = logits.float() * scale
-        index = target.unsqueeze(-1)
-        picked = torch.log_softmax(x, dim=-1).gather(-1, index).squeeze(-1)
-        lse = x.gather(-1, index).squeeze(-1) - picked
-        ctx.save_for_backward(logits, index, lse)
-        ctx.scale = scale
-        return picked
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        logits, index, lse = ctx.saved_tensors
-        g = grad.unsqueeze(-1)
-        out = torch.exp(logits.float() * ctx.scale - lse.unsqueeze(-1)).mul_(-g)
-        out.scatter_add_(-1, index, g)
-        return out.mul_(ctx.scale).to(logits.dtype), None, None
-
-
-def token_logprobs(logits: Tensor, targets: Tensor, with_entropy: bool = False,
-                   temperature: float = 1.0) -> tuple[Tensor, Tensor | None]:
-    """log softmax(logits / temperature) at ``targets`` and optionally the entropy of that
-    distribution (a diagnostic, without gradient), (B, R) each, in float32.
-
-    Computed a few rows at a time, and the backward recomputes the softmax from the logits, so
-    no full-size (B, R, V) log-softmax is ever kept: the logits are the only vocabulary-wide
-    tensor alive.
-    """
-    scale = 1.0 / temperature
-    rows = max(1, LOGIT_CHUNK_ELEMENTS // max(1, logits.shape[1] * logits.shape[2]))
-    needs_grad = torch.is_grad_enabled() and logits.requires_grad
-    logprobs, entropy = [], []
-    for chunk, target in zip(logits.split(rows), targets.split(rows), strict=True):
-        if needs_grad:
-            logprobs.append(_PickedLogSoftmax.apply(chunk, target, scale))
-        if with_entropy or not needs_grad:
-            with torch.no_grad():
-                logp = torch.log_softmax(chunk.float() * scale, dim=-1)
-                if not needs_grad:
-                    logprobs.append(logp.gather(-1, target.unsqueeze(-1)).squeeze(-1))
-                if with_entropy:
-                    entropy.append(-(logp.exp() * logp).sum(-1))
-    return torch.cat(logprobs), torch.cat(entropy) if with_entropy else None
-
-
-def response_logprobs(model, input_ids: Tensor, attention_mask: Tensor, prompt_len: int,
-                      with_entropy: bool = False, temperature: float = 1.0
-                      ) -> tuple[Tensor, Tensor | None]:
-    """Per-token log π(a_t | q, a_<t) of the response columns, (B, R), and optionally the
-    policy's entropy at each of them, in float32 whatever the model's dtype. π is the
-    distribution answers are sampled from: the model's logits divided by ``temperature``."""
-    width = input_ids.shape[1] - prompt_len
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_for(attention_mask),
-                   logits_to_keep=width + 1).logits[:, :-1]
-    return token_logprobs(logits, input_ids[:, prompt_len:], with_entropy, temperature)
-
 
 class LogprobRecorder(LogitsProcessor):
     """Records log π(a_t) and the entropy of π at every generated position, from the logits
@@ -182,8 +111,7 @@ class LogprobRecorder(LogitsProcessor):
 @torch.no_grad()
 def generate_rollout(model, tokenizer, prompts: list[str], k: int, *, max_new_tokens: int,
                      temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                     batch_size: int = 64, logprobs_from: str | None = "recompute",
-                     micro_batch_tokens: int = 16384) -> Rollout:
+                     batch_size: int = 64, record_logprobs: bool = False) -> Rollout:
     """Sample ``k`` answers for each prompt with Hugging Face ``generate``.
 
     Args:
@@ -191,12 +119,12 @@ def generate_rollout(model, tokenizer, prompts: list[str], k: int, *, max_new_to
         temperature, top_p, top_k: sampling (``top_k=0`` disables the top-k filter that
             ``generate`` otherwise applies); temperature 0 means greedy.
         batch_size: answers per ``generate`` call.
-        logprobs_from: ``"recompute"`` (one no-grad forward over the rollout, exactly the
-            training forward), ``"generate"`` (recorded from the logits of the sampling steps
-            by :class:`LogprobRecorder`, saving that forward; the same quantity up to float
-            rounding, at any temperature), or None (skip; e.g. evaluation). Both are log-probs
-            of π at ``temperature``: logits / temperature, the full vocabulary (top-k / top-p
-            only restrict which tokens are drawn; as in verl and TRL).
+        record_logprobs: record π_old's per-token log-probs and entropy from the logits of the
+            sampling steps (:class:`LogprobRecorder`), saving a forward over the rollout; the
+            same quantity as :func:`nftune.update.recompute_logprobs` up to float rounding, at
+            any temperature: log-probs of π at ``temperature`` (logits / temperature) over the
+            full vocabulary (top-k / top-p only restrict which tokens are drawn; as in verl and
+            TRL).
 
     Sampling uses the given temperature, top-p and top-k only: a repetition penalty or n-gram
     ban in the model's ``generation_config`` is switched off, since it would sample from a
@@ -220,7 +148,7 @@ def generate_rollout(model, tokenizer, prompts: list[str], k: int, *, max_new_to
         p = max(len(r) for r in part)
         ids = torch.tensor([[pad_id] * (p - len(r)) + r for r in part], device=device)
         attn = torch.tensor([[0] * (p - len(r)) + [1] * len(r) for r in part], device=device)
-        recorder = LogprobRecorder(temperature) if logprobs_from == "generate" else None
+        recorder = LogprobRecorder(temperature) if record_logprobs else None
         sequences = model.generate(
             input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
             eos_token_id=eos_id, pad_token_id=pad_id, return_dict_in_generate=True,
@@ -250,33 +178,11 @@ def generate_rollout(model, tokenizer, prompts: list[str], k: int, *, max_new_to
         attention_mask=torch.cat([prompt_attn, response_mask], 1),
         prompt_len=width_p, response_mask=response_mask, truncated=truncated,
         group_ids=torch.arange(len(prompts), device=device).repeat_interleave(k), texts=texts)
-    if logprobs_from == "generate":
+    if record_logprobs:
         lp = torch.cat([torch.nn.functional.pad(c, (0, width_r - c.shape[2])) for c in
                         chunk_logprobs], dim=1)
         rollout.old_logprobs, rollout.entropy = lp[0] * response_mask, lp[1] * response_mask
-    elif logprobs_from == "recompute":
-        rollout.old_logprobs, rollout.entropy = recompute_logprobs(model, rollout,
-                                                                   micro_batch_tokens,
-                                                                   temperature)
     return rollout
-
-
-@torch.no_grad()
-def recompute_logprobs(model, rollout: Rollout, micro_batch_tokens: int,
-                       temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-    """log π(a_t) and the entropy at every response position, by a no-grad forward, π at the
-    sampling ``temperature``."""
-    logprobs = torch.zeros(rollout.response_mask.shape, dtype=torch.float32,
-                           device=rollout.input_ids.device)
-    entropy = torch.zeros_like(logprobs)
-    for rows in micro_batches(rollout, micro_batch_tokens):
-        part = rollout.select(rows).trimmed()
-        lp, ent = response_logprobs(model, part.input_ids, part.attention_mask, part.prompt_len,
-                                    with_entropy=True, temperature=temperature)
-        width = lp.shape[1]
-        logprobs[rows, :width] = lp * part.response_mask
-        entropy[rows, :width] = ent * part.response_mask
-    return logprobs, entropy
 
 
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
@@ -315,36 +221,50 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         penalty=cat("penalty", False))
 
 
-def micro_batches(rollout: Rollout, max_tokens: int, keep_groups: bool = False,
-                  by_length: bool = True) -> list[list[int]]:
-    """Split answers into micro-batches whose padded size (rows × longest sequence) stays
-    within ``max_tokens``; with ``keep_groups`` a question's answers stay together.
+# ---------------------------------------------------------------------------------------------
+# Generation engines
+# ---------------------------------------------------------------------------------------------
 
-    With ``by_length`` the answers (or groups) are packed longest first, so each micro-batch
-    holds sequences of similar length and pays little padding; the longest come first, so a
-    budget that does not fit in memory fails on the first micro-batch. Gradients and recorded
-    log-probs do not depend on the order (each row is computed once, losses are sums).
-    """
-    lengths = (rollout.attention_mask.sum(1)).tolist()
-    if keep_groups:
-        units: list[list[int]] = []
-        for g in torch.unique(rollout.group_ids).tolist():
-            units.append(torch.nonzero(rollout.group_ids == g).flatten().tolist())
-    else:
-        units = [[i] for i in range(len(rollout))]
-    if by_length:  # stable: equal lengths keep their order
-        units.sort(key=lambda unit: -max(lengths[i] for i in unit))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for unit in units:
-        unit_longest = max(lengths[i] for i in unit)
-        new_longest = max(longest, unit_longest)
-        if current and new_longest * (len(current) + len(unit)) > max_tokens:
-            batches.append(current)
-            current, new_longest = [], unit_longest
-        current = current + unit
-        longest = new_longest
-    if current:
-        batches.append(current)
-    return batches
+
+class GenerationEngine(Protocol):
+    """What the loop and the evaluator need from a generation engine."""
+
+    def generate(self, prompts: list[str], k: int, *, max_new_tokens: int,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 record_logprobs: bool = False) -> Rollout:
+        """``k`` answers per prompt from the current policy, as one :class:`Rollout` (with
+        π_old's per-token log-probs and entropy if ``record_logprobs``)."""
+        ...
+
+    def update_weights(self, model) -> None:
+        """The policy was updated: sample from ``model``'s weights from now on."""
+        ...
+
+
+class HFEngine:
+    """Hugging Face ``generate`` on the trained model itself (nothing to copy after an update)."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 64) -> None:
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+
+    def generate(self, prompts: list[str], k: int, *, max_new_tokens: int,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 record_logprobs: bool = False) -> Rollout:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return generate_rollout(self.model, self.tokenizer, prompts, k,
+                                    max_new_tokens=max_new_tokens, temperature=temperature,
+                                    top_p=top_p, top_k=top_k, batch_size=self.batch_size,
+                                    record_logprobs=record_logprobs)
+        finally:
+            self.model.train(was_training)
+
+    def update_weights(self, model) -> None:
+        self.model = model
+
+
+# name → constructor(model, tokenizer, cfg); the config key ``engine`` picks one
+ENGINES: dict[str, Callable[..., GenerationEngine]] = {
+    "hf": lambda model, tokenizer, cfg: HFEngine(model, tokenizer, cfg.gen_batch_size),
+}

@@ -47,17 +47,18 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without verl
     raise ImportError("nftune.integrations.verl needs verl: pip install 'nftune[verl]'") from exc
 
-from nftune.objectives import PROMPT_WEIGHTS, nft_token_loss
+from nftune.objectives import OBJECTIVES, PROMPT_WEIGHTS, nft_token_loss
 
 Tensor = torch.Tensor
 
 ADV_ESTIMATOR = "nft"
-DEFAULT_WEIGHT = {"nft": "dr_grpo", "rft": "one"}
 
 
 @dataclass
 class NFTPolicyLossConfig(PolicyLossConfig):
-    """verl's policy-loss config plus NFT's two hyper-parameters.
+    """verl's policy-loss config plus NFT's two hyper-parameters, named as in nftune's config
+    (``eps``, ``weight``) with the loss as prefix, since verl's ``policy_loss`` is shared by
+    every loss; None takes the default of nftune's registered objective.
 
     Args:
         nft_eps: clip ε of the negative ratio (paper: 1.0).
@@ -66,7 +67,7 @@ class NFTPolicyLossConfig(PolicyLossConfig):
         rft_weight: RFT's prompt weight ω (default ``one``, the paper's RFT).
     """
 
-    nft_eps: float = 1.0
+    nft_eps: float | None = None
     nft_weight: str | None = None
     rft_weight: str | None = None
 
@@ -130,9 +131,10 @@ def _hparams(config: Any, loss_mode: str) -> tuple[str, float]:
     policy_loss = getattr(config, "policy_loss", None)
     settings = policy_loss if policy_loss is not None else {}
     key = f"{loss_mode}_weight"  # each loss its own key: a recipe's NFT ω never reaches RFT
-    weight = settings.get(key, None) or DEFAULT_WEIGHT[loss_mode]
+    defaults = OBJECTIVES["nft"].hparams  # RFT is NFT without the negative term
+    weight = settings.get(key, None) or OBJECTIVES[loss_mode].hparams["weight"]
     eps = settings.get("nft_eps", None)
-    eps = 1.0 if eps is None else float(eps)
+    eps = defaults["eps"] if eps is None else float(eps)
     if weight not in PROMPT_WEIGHTS:
         raise ValueError(f"policy_loss.{key}: unknown {weight!r}; valid: "
                          f"{sorted(PROMPT_WEIGHTS)}")
@@ -162,12 +164,16 @@ def _nft_family_loss(loss_mode: str, old_log_prob: Tensor, log_prob: Tensor,
     loss = agg_loss(loss_mat=per_token, loss_mask=response_mask, loss_agg_mode=loss_agg_mode,
                     **_global_batch_info(config))
     n = mask.sum().clamp(min=1)
+    lr_ = log_ratio.detach()
+    # nftune's metric names (as `nftune train` logs them) beside verl's own pg_clipfrac and
+    # ppo_kl (k1, as verl's losses log it); approx_kl is k3, the estimator nftune logs
     metrics = {
         "actor/pg_clipfrac": ((clipped * mask).sum() / n).item(),
-        "actor/ppo_kl": ((-log_ratio * mask).sum() / n).item(),
-        "actor/nft_loss_pos": ((pos.detach() * mask).sum() / n).item(),
-        "actor/nft_loss_neg": ((neg.detach() * mask).sum() / n).item(),
-        "actor/nft_r_hat": r_hat.mean().item(),
+        "actor/ppo_kl": ((-lr_ * mask).sum() / n).item(),
+        "actor/approx_kl": (((lr_.exp() - 1 - lr_) * mask).sum() / n).item(),
+        "actor/loss_pos": ((pos.detach() * mask).sum() / n).item(),
+        "actor/loss_neg": ((neg.detach() * mask).sum() / n).item(),
+        "actor/r_hat": r_hat.mean().item(),
     }
     return loss, metrics
 

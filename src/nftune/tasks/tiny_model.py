@@ -1,7 +1,7 @@
 """A tiny Qwen2-architecture causal LM with a character-level tokenizer, built from scratch.
 
 It takes the same transformers code path as real Qwen models, and its tokenizer is saved as a
-``PreTrainedTokenizerFast`` (WordLevel over characters), which :func:`nftune.train.load_policy`
+``PreTrainedTokenizerFast`` (WordLevel over characters), which :func:`nftune.policy.load_policy`
 loads as such.
 """
 

@@ -1,0 +1,240 @@
+"""Algorithm 1, step 6: the mini-batch updates, and the differentiable log-prob kernel and
+micro-batch packing they run on (also used for π_old's no-grad recompute).
+
+A rollout's questions are split into ``minibatches``; each takes one optimizer step, its
+answers packed into micro-batches of at most ``micro_batch_tokens`` padded tokens whose
+gradients accumulate, each normalised by the whole mini-batch's counts, so the step's
+gradient does not depend on the packing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from nftune.config import TrainConfig
+from nftune.objectives import compute_loss, get_objective
+from nftune.policy import precision
+
+if TYPE_CHECKING:
+    from nftune.rollout import Rollout
+
+Tensor = torch.Tensor
+log = logging.getLogger("nftune")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. the loss kept being NaN); the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-token log-probs of a batch of answers, and packing answers into micro-batches
+# ---------------------------------------------------------------------------------------------
+
+
+def position_ids_for(attention_mask: Tensor) -> Tensor:
+    """Positions as Hugging Face ``generate`` assigns them to left-padded rows."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+
+# float32 logits handled per chunk of rows: bounds the temporaries of the log-softmax
+LOGIT_CHUNK_ELEMENTS = 2**25
+
+
+class _PickedLogSoftmax(torch.autograd.Function):
+    """log softmax(s·x)_a for one chunk of logits x and inverse temperature s, keeping only x and
+    logsumexp(s·x) for backward: d/dx_j = g · s · (1[j = a] − exp(s·x_j − logsumexp(s·x))),
+    recomputed from the logits (no scaled copy is kept)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, scale: float) -> Tensor:
+        x = logits.float() * scale
+        index = target.unsqueeze(-1)
+        picked = torch.log_softmax(x, dim=-1).gather(-1, index).squeeze(-1)
+        lse = x.gather(-1, index).squeeze(-1) - picked
+        ctx.save_for_backward(logits, index, lse)
+        ctx.scale = scale
+        return picked
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        logits, index, lse = ctx.saved_tensors
+        g = grad.unsqueeze(-1)
+        out = torch.exp(logits.float() * ctx.scale - lse.unsqueeze(-1)).mul_(-g)
+        out.scatter_add_(-1, index, g)
+        return out.mul_(ctx.scale).to(logits.dtype), None, None
+
+
+def token_logprobs(logits: Tensor, targets: Tensor, with_entropy: bool = False,
+                   temperature: float = 1.0) -> tuple[Tensor, Tensor | None]:
+    """log softmax(logits / temperature) at ``targets`` and optionally the entropy of that
+    distribution (a diagnostic, without gradient), (B, R) each, in float32.
+
+    Computed a few rows at a time, and the backward recomputes the softmax from the logits, so
+    no full-size (B, R, V) log-softmax is ever kept: the logits are the only vocabulary-wide
+    tensor alive.
+    """
+    scale = 1.0 / temperature
+    rows = max(1, LOGIT_CHUNK_ELEMENTS // max(1, logits.shape[1] * logits.shape[2]))
+    needs_grad = torch.is_grad_enabled() and logits.requires_grad
+    logprobs, entropy = [], []
+    for chunk, target in zip(logits.split(rows), targets.split(rows), strict=True):
+        if needs_grad:
+            logprobs.append(_PickedLogSoftmax.apply(chunk, target, scale))
+        if with_entropy or not needs_grad:
+            with torch.no_grad():
+                logp = torch.log_softmax(chunk.float() * scale, dim=-1)
+                if not needs_grad:
+                    logprobs.append(logp.gather(-1, target.unsqueeze(-1)).squeeze(-1))
+                if with_entropy:
+                    entropy.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(logprobs), torch.cat(entropy) if with_entropy else None
+
+
+def response_logprobs(model, input_ids: Tensor, attention_mask: Tensor, prompt_len: int,
+                      with_entropy: bool = False, temperature: float = 1.0
+                      ) -> tuple[Tensor, Tensor | None]:
+    """Per-token log π(a_t | q, a_<t) of the response columns, (B, R), and optionally the
+    policy's entropy at each of them, in float32 whatever the model's dtype. π is the
+    distribution answers are sampled from: the model's logits divided by ``temperature``."""
+    width = input_ids.shape[1] - prompt_len
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_for(attention_mask),
+                   logits_to_keep=width + 1).logits[:, :-1]
+    return token_logprobs(logits, input_ids[:, prompt_len:], with_entropy, temperature)
+
+
+@torch.no_grad()
+def recompute_logprobs(model, rollout: Rollout, micro_batch_tokens: int,
+                       temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """log π(a_t) and the entropy at every response position, by a no-grad forward, π at the
+    sampling ``temperature``."""
+    logprobs = torch.zeros(rollout.response_mask.shape, dtype=torch.float32,
+                           device=rollout.input_ids.device)
+    entropy = torch.zeros_like(logprobs)
+    for rows in micro_batches(rollout, micro_batch_tokens):
+        part = rollout.select(rows).trimmed()
+        lp, ent = response_logprobs(model, part.input_ids, part.attention_mask, part.prompt_len,
+                                    with_entropy=True, temperature=temperature)
+        width = lp.shape[1]
+        logprobs[rows, :width] = lp * part.response_mask
+        entropy[rows, :width] = ent * part.response_mask
+    return logprobs, entropy
+
+
+
+def micro_batches(rollout: Rollout, max_tokens: int, keep_groups: bool = False,
+                  by_length: bool = True) -> list[list[int]]:
+    """Split answers into micro-batches whose padded size (rows × longest sequence) stays
+    within ``max_tokens``; with ``keep_groups`` a question's answers stay together.
+
+    With ``by_length`` the answers (or groups) are packed longest first, so each micro-batch
+    holds sequences of similar length and pays little padding; the longest come first, so a
+    budget that does not fit in memory fails on the first micro-batch. Gradients and recorded
+    log-probs do not depend on the order (each row is computed once, losses are sums).
+    """
+    lengths = (rollout.attention_mask.sum(1)).tolist()
+    if keep_groups:
+        units: list[list[int]] = []
+        for g in torch.unique(rollout.group_ids).tolist():
+            units.append(torch.nonzero(rollout.group_ids == g).flatten().tolist())
+    else:
+        units = [[i] for i in range(len(rollout))]
+    if by_length:  # stable: equal lengths keep their order
+        units.sort(key=lambda unit: -max(lengths[i] for i in unit))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for unit in units:
+        unit_longest = max(lengths[i] for i in unit)
+        new_longest = max(longest, unit_longest)
+        if current and new_longest * (len(current) + len(unit)) > max_tokens:
+            batches.append(current)
+            current, new_longest = [], unit_longest
+        current = current + unit
+        longest = new_longest
+    if current:
+        batches.append(current)
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------
+# One optimizer step per mini-batch
+# ---------------------------------------------------------------------------------------------
+
+
+def update_policy(model, optimizer, scheduler, batch: Rollout, cfg: TrainConfig,
+                  nan_streak: int) -> tuple[dict[str, float], int]:
+    """Split the rollout's questions into ``cfg.minibatches`` mini-batches and take one
+    optimizer step on each; micro-batches accumulate into it with the mini-batch's token count
+    (and, for objectives that use them, its group and SFT-token counts) as the normalisers.
+    Returns (metrics averaged over the steps taken, NaN streak)."""
+    model.train()
+    objective = get_objective(cfg.algo)
+    hparams = cfg.objective_hparams()
+    groups = torch.unique(batch.group_ids)
+    parts = torch.tensor_split(groups, cfg.minibatches)
+    keep_groups = objective.whole_groups or cfg.overlong_shaping
+    device = batch.input_ids.device
+    sums: dict[str, float] = {}
+    ratio_max, taken, skipped = 1.0, 0, 0
+    for part in parts:
+        rows = torch.nonzero(torch.isin(batch.group_ids, part.to(batch.group_ids.device)))
+        mb = batch.select(rows.flatten())
+        if len(mb) == 0 or not bool(objective.signal(mb.correct, mb.r_hat).any()):
+            skipped += 1
+            continue
+        # the mini-batch's normalisers, given to every micro-batch
+        num_tokens = mb.response_mask.sum().clamp(min=1)
+        num_groups = max(1, len(torch.unique(mb.group_ids[mb.correct > 0])))
+        num_sft_tokens = (mb.response_mask * mb.correct[:, None]).sum().clamp(min=1)
+        optimizer.zero_grad(set_to_none=True)
+        step_metrics: dict[str, float] = {}
+        finite = True
+        for micro in micro_batches(mb, cfg.micro_batch_tokens, keep_groups=keep_groups):
+            piece = mb.select(micro).trimmed()
+            with precision(cfg, device):
+                logprobs, _ = response_logprobs(model, piece.input_ids, piece.attention_mask,
+                                                piece.prompt_len, temperature=cfg.temperature)
+            loss, m = compute_loss(
+                cfg.algo, logprobs, piece.old_logprobs, piece.response_mask, piece.correct,
+                piece.r_hat, piece.group_ids, num_tokens, num_groups=num_groups,
+                num_sft_tokens=num_sft_tokens,
+                overlong_penalty=piece.penalty if cfg.overlong_shaping else None, **hparams)
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            loss.backward()
+            share = piece.response_mask.sum().item() / num_tokens.item()
+            for key in ("loss", "loss_pos", "loss_neg"):
+                step_metrics[key] = step_metrics.get(key, 0.0) + m[key]
+            for key in ("ratio_mean", "clip_fraction", "approx_kl"):
+                if key in m:  # an objective that clips nothing logs no clip_fraction
+                    step_metrics[key] = step_metrics.get(key, 0.0) + m[key] * share
+            ratio_max = max(ratio_max, m["ratio_max"])
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip) if finite else \
+            torch.tensor(math.nan)
+        if not finite or not torch.isfinite(grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            nan_streak += 1
+            log.warning("non-finite loss or gradient: optimizer step skipped (%d in a row)",
+                        nan_streak)
+            if nan_streak >= cfg.max_nan_steps:
+                raise TrainingError(f"{nan_streak} optimizer steps in a row had a non-finite "
+                                    "loss or gradient; stopping (the last checkpoint is intact)")
+            skipped += 1
+            continue
+        nan_streak = 0
+        optimizer.step()
+        scheduler.step()
+        taken += 1
+        step_metrics["grad_norm"] = grad_norm.item()
+        for key, value in step_metrics.items():
+            sums[key] = sums.get(key, 0.0) + value
+    metrics = {key: value / taken for key, value in sums.items()} if taken else {}
+    metrics.update(ratio_max=ratio_max, optimizer_steps=taken, skipped_minibatches=skipped)
+    return metrics, nan_streak
