@@ -55,6 +55,12 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
          "    pred = pred[:MAX_ANSWER_CHARS]\n")],
     "checkpoints not checked on resume": [
         ("checkpoint.py", "            check_checkpoint(path)\n", "            pass\n")],
+    "micro-batches ignore an objective's whole_groups": [
+        ("update.py", "keep_groups = objective.whole_groups or cfg.overlong_shaping",
+         "keep_groups = cfg.overlong_shaping")],
+    "config ignores an objective's dynamic-sampling default": [
+        ("config.py", "self.dynamic_sampling = objective.dynamic_sampling",
+         "self.dynamic_sampling = True")],
     "dynamic sampling keeps r̂ = 1 groups": [
         ("objectives.py", "return (r_hat > 0) & (r_hat < 1)", "return r_hat > 0")],
 }

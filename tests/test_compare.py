@@ -24,10 +24,18 @@ def test_compare_runs_reports_and_resumes(tiny_base, arithmetic_files, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
     assert set(result["summary"]) == {"nft", "rft"}
-    for s in result["summary"].values():
-        assert s["seeds"] == [0, 1] and len(s["accuracy"]) == 2
-        mean, _ = s["accuracy_mean_std"]
-        assert abs(mean - sum(s["accuracy"]) / 2) < 1e-12
+    for algo, s in result["summary"].items():
+        assert s["seeds"] == [0, 1]
+        # each seed's accuracy is its run's last held-out evaluation, read from its own log
+        finals = []
+        for seed in (0, 1):
+            log = out / "runs" / f"{algo}-seed{seed}" / "metrics.jsonl"
+            rows = [json.loads(line) for line in log.read_text().splitlines()]
+            finals.append([r for r in rows if "eval/test/avg@2" in r][-1]["eval/test/avg@2"])
+        assert s["accuracy"] == finals
+        mean, std = s["accuracy_mean_std"]  # sample std of two values: |a − b| / √2
+        assert abs(mean - (finals[0] + finals[1]) / 2) < 1e-12
+        assert abs(std - abs(finals[0] - finals[1]) / 2 ** 0.5) < 1e-12
     table = (out / "results.md").read_text()
     assert "| base model |" in table and "| nft |" in table and " ± " in table
     assert (out / "curves.png").stat().st_size > 10_000

@@ -50,8 +50,21 @@ def test_quick_demo_end_to_end(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["base_origin"] == "built" and summary["steps"] == 4
+    # held out: no test question is a training question
+    problems = {name: {json.loads(line)["problem"] for line in
+                       (out / f"{name}.jsonl").read_text().splitlines()}
+                for name in ("train", "test")}
+    assert len(problems["test"]) == summary["test_questions"] == 48
+    assert not problems["train"] & problems["test"]
+    report = (out / "report.md").read_text()
     for key in ("sampled", "greedy"):
-        assert 0.0 <= summary["after"][key] <= 1.0
+        before, after = summary["before"][key], summary["after"][key]
+        # with eval_k = 2 answers per question, accuracies are multiples of 1 / (2 · 48)
+        grid = 1 if key == "greedy" else 2
+        for value in (before, after):
+            assert abs(value * 48 * grid - round(value * 48 * grid)) < 1e-9
+        assert abs(summary["gain"][key] - (after - before)) < 1e-9  # paired mean = difference
+        assert f"| {key} | {before:.1%} | {after:.1%} |" in report
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert any(k.startswith("eval/") for k in rows[-1])

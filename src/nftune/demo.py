@@ -39,7 +39,8 @@ class DemoSettings:
     prompts_per_step: int = 64
     answers_per_prompt: int = 8
     max_new_tokens: int = 48
-    lr: float = 3e-4
+    lr: float = 1.5e-4
+    lr_schedule: str = "constant"
     warmup_steps: int = 5
     minibatches: int = 2
     eval_every: int = 20
@@ -52,7 +53,8 @@ class DemoSettings:
             model=str(base_dir), train_data=str(out / "train.jsonl"), template=TEMPLATE,
             device="cpu", steps=self.steps, prompts_per_step=self.prompts_per_step,
             answers_per_prompt=self.answers_per_prompt, max_new_tokens=self.max_new_tokens,
-            lr=self.lr, warmup_steps=self.warmup_steps, minibatches=self.minibatches,
+            lr=self.lr, lr_schedule=self.lr_schedule, warmup_steps=self.warmup_steps,
+            minibatches=self.minibatches,
             gen_batch_size=256, eval_every=self.eval_every, eval_temperature=1.0)
 
 
