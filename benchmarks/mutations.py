@@ -38,7 +38,7 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
         ("train.py", "batch_rollout.old_logprobs, batch_rollout.entropy = recompute_logprobs(",
          "batch_rollout.entropy, batch_rollout.old_logprobs = recompute_logprobs(")],
     "CLI check of unknown --algos removed": [
-        ("cli.py", "    check_algos(algos)  # before reading any file", "")],
+        ("cli.py", "    check_algos(algos)  # before reading any file", "    pass  #")],
     "r̂ repeated in the wrong order": [
         ("train.py", "rollout.r_hat = correct.view(-1, k).mean(1).repeat_interleave(k)",
          "rollout.r_hat = correct.view(-1, k).mean(1).repeat(k)")],
