@@ -57,3 +57,16 @@ def test_errors_name_the_key():
 def test_docs_config_is_current():
     doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
     assert doc.read_text() == config_markdown()
+
+
+def test_engine_settings_that_cannot_work_are_errors():
+    assert build_config(None, {}).old_logprobs == "generate"  # hf records π_old while sampling
+    assert build_config(None, {"rollout_engine": "vllm"}).old_logprobs == "recompute"
+    with pytest.raises(ValueError, match="old_logprobs: generate needs an engine"):
+        build_config(None, {"rollout_engine": "vllm", "old_logprobs": "generate"})
+    with pytest.raises(ValueError, match="tis_cap: needs rollout_engine vllm"):
+        build_config(None, {"tis_cap": 2.0})
+    with pytest.raises(ValueError, match=r"tis_cap: .*\(infonca with vllm\)"):
+        build_config(None, {"rollout_engine": "vllm", "algo": "infonca", "tis_cap": 2.0})
+    with pytest.raises(ValueError, match="rollout_engine: unknown 'sglang'"):
+        build_config(None, {"rollout_engine": "sglang"})

@@ -215,3 +215,19 @@ def test_cli_rejects_unknown_algorithms_before_reading_anything(capsys):
     assert main(["compare", "--algos", "nft,ppo", "--config", "/nonexistent.yaml"]) == 2
     err = capsys.readouterr().err
     assert "--algos: unknown ['ppo']" in err
+
+
+def test_the_vllm_engine_without_vllm_names_the_extra(tiny_base, tmp_path):
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vLLM is installed here")
+    except ImportError:
+        pass
+    from helpers import run_cli
+
+    result = run_cli("train", "--model", tiny_base, "--train-data", "gsm8k",
+                     "--rollout-engine", "vllm", "--output-dir", tmp_path / "run",
+                     "--no-progress")
+    assert result.returncode == 2
+    assert "pip install -e '.[vllm]'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

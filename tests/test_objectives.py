@@ -334,3 +334,37 @@ def test_infonca_logs_no_placeholder_clip_fraction():
     _, old, mask, correct, r_hat, gid = make_batch()
     _, m = compute_loss("infonca", old.clone(), old, mask, correct, r_hat, gid)
     assert "clip_fraction" not in m
+
+
+def test_token_weights_scale_each_tokens_loss_and_gradient():
+    """Truncated importance sampling by hand on GRPO's example above: weights w multiply each
+    token's loss and gradient; the normaliser stays the token count."""
+    lp = torch.log(torch.tensor([[1.5, 1.1], [0.7, 0.9]], dtype=torch.float64))
+    lp.requires_grad_(True)
+    old, mask = torch.zeros(2, 2, dtype=torch.float64), torch.ones(2, 2)
+    correct, r_hat = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5])
+    w = torch.tensor([[2.0, 0.5], [1.0, 3.0]], dtype=torch.float64)
+    loss, _ = compute_loss("grpo", lp, old, mask, correct, r_hat, token_weights=w)
+    loss.backward()
+    assert loss.item() == pytest.approx((-1.28 * 2 - 1.1 * 0.5 + 0.8 + 0.9 * 3) / 4, abs=1e-12)
+    expected = torch.tensor([[0.0, -1.1 * 0.5], [0.0, 0.9 * 3]], dtype=torch.float64) / 4
+    torch.testing.assert_close(lp.grad, expected, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="token_weights: 'infonca' is not a token-mean"):
+        compute_loss("infonca", lp.detach(), old, mask, correct, r_hat, torch.tensor([0, 0]),
+                     token_weights=w)
+
+
+def test_truncated_is_weights_by_hand():
+    """min(π_old / π_engine, cap) per response token; 1 off the response; None when off."""
+    from nftune.rollout import Rollout
+    from nftune.update import truncated_is_weights
+
+    batch = Rollout(
+        input_ids=torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 4),
+        prompt_len=1, response_mask=torch.tensor([[1, 1, 0]]), truncated=torch.tensor([False]),
+        group_ids=torch.tensor([0]), texts=["x"],
+        old_logprobs=torch.tensor([[-1.0, -2.0, 0.0]]),
+        engine_logprobs=torch.tensor([[-2.0, -1.5, 0.0]]))
+    weights = truncated_is_weights(batch, cap=2.0)
+    torch.testing.assert_close(weights, torch.tensor([[2.0, math.exp(-0.5), 1.0]]))
+    assert truncated_is_weights(batch, cap=0.0) is None

@@ -143,3 +143,38 @@ def test_old_logprobs_are_those_of_the_sampling_temperature(policy):
     loss, _ = compute_loss("nft", logprobs, recorded.old_logprobs, recorded.response_mask,
                            correct, torch.full((16,), 0.5), eps=1.0)
     assert abs(loss.item()) < 1e-5
+
+
+def test_every_eos_the_generation_config_declares_ends_an_answer(tiny_base, tmp_path):
+    """A chat-style model lists two EOS ids in its generation config while its tokenizer names
+    another token: answers still end at the model's real EOS (not truncated), which is kept as
+    the response's last token and left out of the text."""
+    model, tokenizer = load_policy(str(tiny_base), torch.device("cpu"))
+    real_eos = tokenizer.eos_token_id
+    tokenizer.eos_token = "<unk>"
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, real_eos]
+    prompts = [format_prompt(q.problem, "raw", tokenizer)
+               for q in make_questions(16, "test", 0, 1)]
+    torch.manual_seed(0)
+    rollout = generate_rollout(model, tokenizer, prompts, 2, max_new_tokens=40, top_k=0)
+    ended = ~rollout.truncated
+    assert ended.float().mean().item() > 0.8
+    last = rollout.input_ids[:, rollout.prompt_len:].gather(
+        1, (rollout.response_lengths - 1)[:, None]).flatten()
+    assert (last[ended] == real_eos).all()
+    assert not any("<eos>" in t for t in rollout.texts)
+
+
+def test_answers_end_at_the_first_stop_token_of_any_kind():
+    """assemble_rollout by hand: stop ids 1 and 7; pad 0."""
+    from nftune.rollout import assemble_rollout
+    from nftune.tasks.tiny_model import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    response = torch.tensor([[5, 7, 9, 1], [5, 5, 1, 7], [5, 5, 5, 5]])
+    rollout = assemble_rollout(tokenizer, [[3], [3, 4], [4]], response, [1, 7], k=3)
+    assert rollout.response_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    assert rollout.truncated.tolist() == [False, False, True]
+    assert rollout.input_ids[:, 2:].tolist() == [[5, 7, 0, 0], [5, 5, 1, 0], [5, 5, 5, 5]]
+    assert rollout.attention_mask[:, :2].tolist() == [[0, 1], [1, 1], [0, 1]]
+    assert rollout.group_ids.tolist() == [0, 0, 0]

@@ -146,9 +146,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 args.model, chosen or list(PAPER_BENCHMARKS), verifier, device=args.device,
                 seed=args.seed, k=args.k, temperature=args.temperature, top_p=args.top_p,
                 max_new_tokens=args.max_new_tokens, template=args.template,
-                batch_size=args.batch_size, limit=args.limit, data_dir=data_dir)
+                batch_size=args.batch_size, limit=args.limit, data_dir=data_dir,
+                engine_name=args.engine)
             title = args.model
-    settings = {"temperature": args.temperature, "top_p": args.top_p,
+    settings = {"engine": args.engine, "temperature": args.temperature, "top_p": args.top_p,
                 "max_new_tokens": args.max_new_tokens, "template": args.template or "per set",
                 "k": args.k or "per set (32 for AIME/AMC, 1 otherwise)"}
     print(format_table(results, title))
@@ -282,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--responses it picks the answer extraction (default: either form)")
     p.add_argument("--limit", type=int, default=None, help="first N questions of each set")
     p.add_argument("--batch-size", type=int, default=64, help="answers per generate call")
+    p.add_argument("--engine", default="hf", choices=("hf", "vllm"),
+                   help="generation engine: hf (Hugging Face generate) or vllm (the vllm extra)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verify-workers", type=int, default=None)
@@ -372,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"nftune {args.command}: interrupted. {_resume_hint(args)}", file=sys.stderr)
         return 130
-    except (UserError, OSError, ValueError) as err:
+    except (UserError, OSError, ValueError, ImportError) as err:
         if args.debug:
             raise
         print(f"nftune {args.command}: error: {err}", file=sys.stderr)

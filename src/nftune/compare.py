@@ -206,8 +206,8 @@ def evaluate_base(cfg_dict: dict[str, Any], output_dir: Path) -> float:
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_policy(cfg.model, pick_device(cfg.device))
     with Verifier(cfg.verify_workers) as verifier:
-        metrics = evaluate_sets(ENGINES[cfg.engine](model, tokenizer, cfg), tokenizer,
-                                load_eval_sets(cfg), verifier, cfg)
+        engine = ENGINES[cfg.rollout_engine].from_config(model, tokenizer, cfg)
+        metrics = evaluate_sets(engine, tokenizer, load_eval_sets(cfg), verifier, cfg)
     accs = [v for k, v in metrics.items() if "/avg@" in k]
     accuracy = sum(accs) / len(accs)
     cached.write_text(json.dumps({"accuracy": accuracy, "config": asdict(cfg)}))

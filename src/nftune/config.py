@@ -15,7 +15,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 # where and on what a run executes: free to differ on resume (a run directory can move)
-RESUME_FREE_KEYS = ("output_dir", "data_dir", "device", "verify_workers")
+RESUME_FREE_KEYS = ("output_dir", "data_dir", "device", "verify_workers",
+                    "vllm_gpu_memory_utilization", "vllm_sleep")
 # may change on resume with --allow-changes: bookkeeping and evaluation, never what is trained;
 # steps only with a constant learning rate (the cosine schedule depends on it)
 RESUME_SAFE_KEYS = ("steps", "save_every", "keep_checkpoints", "eval_every", "eval_data",
@@ -47,8 +48,16 @@ class TrainConfig:
     device: str = _option("auto", "auto | cpu | cuda | cuda:N.")
     bf16: bool = _option(False, "bf16 autocast for forward passes (log-softmax stays fp32).")
     # --- Algorithm 1: rollout ---
-    engine: str = _option("hf", "Generation engine: hf (Hugging Face generate on the trained "
-                                "model).")
+    rollout_engine: str = _option("hf", "Generation engine: hf (Hugging Face generate on the "
+                                        "trained model) | vllm (vLLM in this process; the "
+                                        "vllm extra).")
+    vllm_gpu_memory_utilization: float = _option(0.4, "vllm: fraction of GPU memory for vLLM's "
+                                                      "weights and KV cache; the trainer "
+                                                      "shares the card.")
+    vllm_sleep: bool = _option(False, "vllm: free vLLM's weights and KV cache during each "
+                                      "update (GPU only); weights are pushed again after it.")
+    vllm_max_model_len: int | None = _option(None, "vllm: longest prompt + answer (default: the "
+                                                   "model's context); bounds the KV cache.")
     steps: int = _option(100, "Rollout steps (paper: ~320 at 7B).")
     prompts_per_step: int = _option(16, "Questions per rollout step, after filtering (paper: 512).")
     answers_per_prompt: int = _option(8, "K, answers sampled per question (paper: 16).")
@@ -61,10 +70,14 @@ class TrainConfig:
                                 "which tokens are drawn: log-probs stay over the full vocabulary.")
     top_k: int = _option(0, "Top-k of rollouts (0 = off; generate's own default would be 50).")
     gen_batch_size: int = _option(64, "Answers per generate call.")
-    old_logprobs: str = _option("generate", "Where π_old's per-token log-probs come from: "
-                                            "generate (recorded from the sampling steps' own "
-                                            "logits, no extra pass) | recompute (a no-grad "
-                                            "forward over the rollout).")
+    old_logprobs: str | None = _option(None, "Where π_old's per-token log-probs come from: "
+                                             "generate (recorded from the sampling steps' own "
+                                             "logits, no extra pass; hf only) | recompute (a "
+                                             "no-grad forward over the rollout). Default: "
+                                             "generate with hf, recompute with vllm.")
+    tis_cap: float = _option(0.0, "vllm: truncated importance sampling, each token's loss "
+                                  "times min(π_old / π_vllm, tis_cap), for vLLM's numerical "
+                                  "mismatch (0 = off; verl and TRL use 2 to 5).")
     dynamic_sampling: bool | None = _option(None, "Keep only questions with 0 < r̂ < 1 and "
                                                   "generate more until the batch is full "
                                                   "(default: on for nft, rft, dapo, infonca; off "
@@ -139,8 +152,19 @@ class TrainConfig:
                 setattr(self, name, default)
         from nftune.rollout import ENGINES
 
-        if self.engine not in ENGINES:
-            raise ValueError(f"engine: unknown {self.engine!r}; valid: {sorted(ENGINES)}")
+        if self.rollout_engine not in ENGINES:
+            raise ValueError(f"rollout_engine: unknown {self.rollout_engine!r}; "
+                             f"valid: {sorted(ENGINES)}")
+        records = ENGINES[self.rollout_engine].records_logprobs
+        if self.old_logprobs is None:
+            self.old_logprobs = "generate" if records else "recompute"
+        if self.old_logprobs == "generate" and not records:
+            raise ValueError(f"old_logprobs: generate needs an engine that records the "
+                             f"trainer's log-probs (hf); {self.rollout_engine}'s differ from the "
+                             "trainer's forward, so π_old is recomputed (old_logprobs: recompute)")
+        if self.tis_cap and not (self.rollout_engine == "vllm" and objective.token_level):
+            raise ValueError("tis_cap: needs rollout_engine vllm and an objective whose loss is "
+                             f"a token mean ({self.algo} with {self.rollout_engine})")
         if self.dynamic_sampling is None:
             self.dynamic_sampling = objective.dynamic_sampling
         if self.overlong_shaping is None:
@@ -176,6 +200,9 @@ class TrainConfig:
             (0 < self.overlong_buffer < 1, "overlong_buffer: a fraction in (0, 1)"),
             (self.eps is None or self.eps > 0, "eps: must be positive"),
             (self.max_new_tokens >= 1, "max_new_tokens: must be at least 1"),
+            (self.tis_cap == 0 or self.tis_cap >= 1, "tis_cap: 0 (off) or at least 1"),
+            (0 < self.vllm_gpu_memory_utilization <= 1,
+             "vllm_gpu_memory_utilization: a fraction in (0, 1]"),
         ]
         for ok, message in checks:
             if not ok:

@@ -253,15 +253,33 @@ def evaluate_model(model_path: str, benchmarks: list[str], verifier: Verifier, *
                    device: str = "auto", seed: int = 0, k: int | None = None,
                    temperature: float = 1.0, top_p: float = 0.7, max_new_tokens: int = 4096,
                    template: str | None = None, batch_size: int = 64, limit: int | None = None,
-                   data_dir: str | None = None) -> list[EvalResult]:
-    """The paper's protocol on a model: each benchmark with its k and template unless given."""
+                   data_dir: str | None = None, engine_name: str = "hf") -> list[EvalResult]:
+    """The paper's protocol on a model: each benchmark with its k and template unless given.
+    ``engine_name`` "vllm" generates with vLLM (:class:`nftune.rollout.VLLMEngine`, the model's
+    own dtype) and never loads the model into torch."""
     import torch
 
-    from nftune.policy import load_policy, pick_device
+    from nftune.policy import load_policy, load_tokenizer, pick_device
 
     torch.manual_seed(seed)
-    model, tokenizer = load_policy(model_path, pick_device(device))
-    engine = HFEngine(model, tokenizer, batch_size)
+    model = None
+    if engine_name == "vllm":
+        from transformers import GenerationConfig
+
+        from nftune.rollout import VLLMEngine
+
+        tokenizer = load_tokenizer(model_path)
+        try:
+            generation_config = GenerationConfig.from_pretrained(model_path)
+        except OSError:  # no generation_config.json: the tokenizer's EOS ends answers
+            generation_config = None
+        engine = VLLMEngine(model_path, tokenizer, dtype="auto", seed=seed,
+                            generation_config=generation_config)
+    elif engine_name == "hf":
+        model, tokenizer = load_policy(model_path, pick_device(device))
+        engine = HFEngine(model, tokenizer, batch_size)
+    else:
+        raise ValueError(f"--engine: unknown {engine_name!r}; valid: hf, vllm")
     results = []
     for name in benchmarks:
         qs = load_questions(name, data_dir=data_dir, clean=False, limit=limit)

@@ -259,6 +259,9 @@ class ObjectiveInput:
     num_groups: int | None = None  # InfoNCA's G: groups with a correct answer
     num_sft_tokens: Tensor | float | None = None  # response tokens of correct answers
     overlong_penalty: Tensor | None = None  # (B,) ≤ 0, reward shaping (DAPO)
+    # (B, T) ≥ 0, no gradient: each token's loss is multiplied by it (truncated importance
+    # sampling when the answers came from an engine other than π_old); token-mean objectives
+    token_weights: Tensor | None = None
     log_ratio: Tensor = field(init=False)  # (B, T) log R_t, exactly 0 off the response
 
 
@@ -280,6 +283,8 @@ class Objective:
     needs_group_ids: bool
     # which answers carry a learning signal: a mini-batch without any is skipped
     signal: Callable[[Tensor, Tensor], Tensor]
+    # the loss is a token mean built with token_mean_loss: it applies x.token_weights
+    token_level: bool = True
 
 
 OBJECTIVES: dict[str, Objective] = {}
@@ -287,12 +292,14 @@ OBJECTIVES: dict[str, Objective] = {}
 
 def register_objective(name: str, *, dynamic_sampling: bool = True, whole_groups: bool = False,
                        overlong_shaping: bool = False, needs_group_ids: bool = False,
-                       signal: Callable[[Tensor, Tensor], Tensor] | None = None
-                       ) -> Callable[[ObjectiveFn], ObjectiveFn]:
+                       signal: Callable[[Tensor, Tensor], Tensor] | None = None,
+                       token_level: bool = True) -> Callable[[ObjectiveFn], ObjectiveFn]:
     """Register ``loss(x: ObjectiveInput, *, hparam=default, ...)`` under ``name``; its
     keyword-only parameters are its hyper-parameters (config keys of the same name set them).
     ``signal(correct, r_hat)`` marks the answers that carry a learning signal (default: those
-    of groups with 0 < r̂ < 1). A duplicate name is an error."""
+    of groups with 0 < r̂ < 1). ``token_level``: the loss is a token mean made with
+    :func:`token_mean_loss` (which applies ``x.token_weights``). A duplicate name is an
+    error."""
 
     def wrap(fn: ObjectiveFn) -> ObjectiveFn:
         if name in OBJECTIVES:
@@ -302,7 +309,7 @@ def register_objective(name: str, *, dynamic_sampling: bool = True, whole_groups
         OBJECTIVES[name] = Objective(
             name, fn, hparams, dynamic_sampling, whole_groups, overlong_shaping,
             needs_group_ids or whole_groups,
-            signal or (lambda correct, r_hat: informative(r_hat)))
+            signal or (lambda correct, r_hat: informative(r_hat)), token_level)
         return fn
 
     return wrap
@@ -342,10 +349,11 @@ def token_mean_loss(parts: dict[str, Tensor], x: ObjectiveInput, clipped: Tensor
     """Token-mean aggregation of (B, T) per-token losses: Σ (loss · mask) / num_tokens for each
     of ``parts`` (``loss`` is the one returned; ``loss_pos`` and ``loss_neg`` are expected by
     the loop's metrics), plus the ratio diagnostics and, given ``clipped``, ``clip_fraction``
-    over the tokens of the ``clip_over`` (B, 1) rows (default: all). For objectives of your
-    own too."""
+    over the tokens of the ``clip_over`` (B, 1) rows (default: all). Each token's loss is
+    weighted by ``x.token_weights`` when given. For objectives of your own too."""
     log_ratio, mask, num_tokens = x.log_ratio, x.mask, x.num_tokens
-    stats = {k: token_sum(v, mask) / num_tokens for k, v in parts.items()}
+    weighted = mask if x.token_weights is None else mask * x.token_weights.detach()
+    stats = {k: token_sum(v, weighted) / num_tokens for k, v in parts.items()}
     if clipped is not None:
         n = (mask if clip_over is None else mask * clip_over).sum().clamp(min=1)
         stats["clip_fraction"] = token_sum(clipped, mask) / n
@@ -424,7 +432,7 @@ def dapo(x: ObjectiveInput, *, clip_low: float = 0.2, clip_high: float = 0.28):
     return _pg_with_advantage(x, adv, clip_low, clip_high)
 
 
-@register_objective("infonca", whole_groups=True,
+@register_objective("infonca", whole_groups=True, token_level=False,
                     signal=lambda correct, r_hat: correct > 0)
 def infonca(x: ObjectiveInput, *, beta: float = 0.1, sft_coef: float = 1.0):
     """Iterative DPO via InfoNCA plus an SFT term on the correct answers.
@@ -455,8 +463,10 @@ def _check_inputs(x: ObjectiveInput, objective: Objective) -> None:
     if not isinstance(logprobs, Tensor) or logprobs.dim() != 2:
         raise ValueError(f"logprobs: expected a (B, T) tensor, got {_describe(logprobs)}")
     shape = tuple(logprobs.shape)
-    for name in ("old_logprobs", "mask"):
+    for name in ("old_logprobs", "mask", "token_weights"):
         t = getattr(x, name)
+        if t is None and name == "token_weights":
+            continue
         if not isinstance(t, Tensor) or tuple(t.shape) != shape:
             raise ValueError(f"{name}: expected shape {shape} like logprobs, got {_describe(t)}")
     if x.group_ids is None and objective.needs_group_ids:
@@ -506,6 +516,7 @@ def compute_loss(
     num_groups: int | None = None,
     num_sft_tokens: float | Tensor | None = None,
     overlong_penalty: Tensor | None = None,
+    token_weights: Tensor | None = None,
     **hparams: Any,
 ) -> tuple[Tensor, Metrics]:
     """The loss of objective ``algo`` on one (micro-)batch, and float diagnostics.
@@ -513,7 +524,8 @@ def compute_loss(
     Args:
         algo: a name in ``OBJECTIVES``: "nft", "rft", "grpo", "dr_grpo", "dapo", "infonca".
         logprobs, old_logprobs, mask, correct, r_hat, group_ids, num_tokens, num_groups,
-            num_sft_tokens, overlong_penalty: the fields of :class:`ObjectiveInput`.
+            num_sft_tokens, overlong_penalty, token_weights: the fields of
+            :class:`ObjectiveInput`.
         **hparams: the objective's hyper-parameters (``OBJECTIVES[algo].hparams``; the rest
             keep their defaults), e.g. eps and weight for NFT.
 
@@ -524,8 +536,10 @@ def compute_loss(
     """
     objective = get_objective(algo)
     x = ObjectiveInput(logprobs, old_logprobs, mask, correct, r_hat, group_ids, num_tokens,
-                       num_groups, num_sft_tokens, overlong_penalty)
+                       num_groups, num_sft_tokens, overlong_penalty, token_weights)
     _check_inputs(x, objective)
+    if token_weights is not None and not objective.token_level:
+        raise ValueError(f"token_weights: {algo!r} is not a token-mean objective")
     unknown = set(hparams) - set(objective.hparams)
     if unknown:
         raise ValueError(f"hparams: {sorted(unknown)} not accepted by {algo!r}; "

@@ -22,36 +22,47 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_policy(path: str, device: torch.device, safetensors_only: bool = False):
-    """The causal LM and its tokenizer. Character-level tokenizers saved as
+def load_tokenizer(path: str):
+    """The tokenizer of the model at ``path``. Character-level tokenizers saved as
     ``PreTrainedTokenizerFast`` are loaded as such (``AutoTokenizer`` would swap a qwen2
-    directory's tokenizer for the byte-level Qwen one). ``safetensors_only`` (for checkpoints
-    nftune wrote) never reads a pickle-based weights file that may sit beside them."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+    directory's tokenizer for the byte-level Qwen one)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-
     if not path:
         raise ValueError("model: no model given (--model PATH_OR_HUB_ID)")
     local = Path(path)
     looks_local = path.startswith((".", "/", "~")) or local.exists()
     if looks_local and not (local / "config.json").exists():
         raise FileNotFoundError(f"model: {path} is not a model directory (no config.json)")
+    tok_class = AutoTokenizer
+    tok_config = local / "tokenizer_config.json"
+    if tok_config.exists():
+        declared = json.loads(tok_config.read_text()).get("tokenizer_class")
+        if declared in ("PreTrainedTokenizerFast", "TokenizersBackend"):
+            tok_class = PreTrainedTokenizerFast
     try:
-        tok_class = AutoTokenizer
-        tok_config = local / "tokenizer_config.json"
-        if tok_config.exists():
-            declared = json.loads(tok_config.read_text()).get("tokenizer_class")
-            if declared in ("PreTrainedTokenizerFast", "TokenizersBackend"):
-                tok_class = PreTrainedTokenizerFast
         tokenizer = tok_class.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, **({"use_safetensors": True} if safetensors_only else {}))
     except OSError as err:
         raise FileNotFoundError(f"model: cannot load {path} ({err})") from None
     if tokenizer.eos_token_id is None:
         raise ValueError(f"model: the tokenizer of {path} has no EOS token")
+    return tokenizer
+
+
+def load_policy(path: str, device: torch.device, safetensors_only: bool = False):
+    """The causal LM and its tokenizer (:func:`load_tokenizer`). ``safetensors_only`` (for
+    checkpoints nftune wrote) never reads a pickle-based weights file that may sit beside
+    them."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, **({"use_safetensors": True} if safetensors_only else {}))
+    except OSError as err:
+        raise FileNotFoundError(f"model: cannot load {path} ({err})") from None
     return model.to(device), tokenizer
 
 

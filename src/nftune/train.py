@@ -39,7 +39,14 @@ from nftune.data import PromptSampler, Question, format_prompt, load_questions, 
 from nftune.evaluate import evaluate_sets, load_eval_sets
 from nftune.objectives import informative, overlong_penalty
 from nftune.policy import load_policy, make_optimizer, make_scheduler, pick_device
-from nftune.rollout import ENGINES, GenerationEngine, HFEngine, Rollout, concat_rollouts
+from nftune.rollout import (
+    ENGINES,
+    GenerationEngine,
+    HFEngine,
+    Rollout,
+    concat_rollouts,
+    pad_token_id,
+)
 from nftune.update import recompute_logprobs, update_policy
 from nftune.verify import Verifier
 
@@ -63,6 +70,9 @@ class RolloutStats:
     time_verify_s: float
     time_old_logprobs_s: float
     generated_tokens: int
+    # |log π_old − log π_engine| per response token, when the engine reports its own log-probs
+    engine_logprob_diff_mean: float | None = None
+    engine_logprob_diff_max: float | None = None
 
 
 def collect_rollout(model, tokenizer, questions: list[Question], sampler: PromptSampler,
@@ -126,9 +136,7 @@ def collect_rollout(model, tokenizer, questions: list[Question], sampler: Prompt
         generated_tokens=int(lengths_t.sum().item()))
     if not kept:
         return None, stats
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
-        tokenizer.eos_token_id
-    batch_rollout = concat_rollouts(kept, pad_id)  # also renumbers groups 0..G-1
+    batch_rollout = concat_rollouts(kept, pad_token_id(tokenizer))  # also renumbers groups 0..G-1
     if kept_questions > cfg.prompts_per_step:  # the last round overfilled the batch
         batch_rollout = batch_rollout.select(torch.nonzero(
             batch_rollout.group_ids < cfg.prompts_per_step).flatten())
@@ -138,6 +146,12 @@ def collect_rollout(model, tokenizer, questions: list[Question], sampler: Prompt
         batch_rollout.old_logprobs, batch_rollout.entropy = recompute_logprobs(
             model, batch_rollout, cfg.micro_batch_tokens, cfg.temperature)
         stats.time_old_logprobs_s = time.perf_counter() - start
+    if batch_rollout.engine_logprobs is not None and batch_rollout.old_logprobs is not None:
+        mask = batch_rollout.response_mask.bool()
+        diff = (batch_rollout.old_logprobs - batch_rollout.engine_logprobs).abs()[mask]
+        if diff.numel():
+            stats.engine_logprob_diff_mean = diff.mean().item()
+            stats.engine_logprob_diff_max = diff.max().item()
     return batch_rollout, stats
 
 
@@ -233,7 +247,7 @@ class Trainer:
             except Exception as err:  # noqa: BLE001 — whatever the file holds, name the checkpoint
                 raise CheckpointError(f"{checkpoint}: cannot load the model "
                                       f"({type(err).__name__}: {err})") from None
-        self.engine = ENGINES[cfg.engine](self.model, self.tokenizer, cfg)
+        self.engine = ENGINES[cfg.rollout_engine].from_config(self.model, self.tokenizer, cfg)
         self.questions = load_questions(cfg.train_data, data_dir=cfg.data_dir,
                                         limit=cfg.train_limit)
         self.eval_sets = load_eval_sets(cfg) if cfg.eval_every else {}
@@ -261,7 +275,8 @@ class Trainer:
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # sampling depends on (seed, step)
         batch, stats = collect_rollout(self.model, self.tokenizer, self.questions.questions,
                                        self.sampler, self.verifier, cfg, self.engine)
-        row: dict[str, Any] = {"step": step, **vars(stats)}
+        row: dict[str, Any] = {"step": step, **{k: v for k, v in vars(stats).items()
+                                                 if v is not None}}
         start = time.perf_counter()
         if batch is None:
             log.warning("step %d: no question with 0 < r̂ < 1 in %d generated answers; "

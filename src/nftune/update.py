@@ -166,6 +166,17 @@ def micro_batches(rollout: Rollout, max_tokens: int, keep_groups: bool = False,
 # ---------------------------------------------------------------------------------------------
 
 
+def truncated_is_weights(batch: Rollout, cap: float) -> Tensor | None:
+    """min(π_old / π_engine, cap) per token: the answers were sampled by an engine whose
+    probabilities differ slightly from the trainer's π_old (vLLM's kernels); weighting each
+    token's loss by the ratio, truncated at ``cap``, corrects for it (truncated importance
+    sampling, as verl and TRL offer). None when off or without engine log-probs."""
+    if not cap or batch.engine_logprobs is None:
+        return None
+    log_ratio = (batch.old_logprobs - batch.engine_logprobs) * batch.response_mask
+    return torch.exp(log_ratio).clamp(max=cap)
+
+
 def update_policy(model, optimizer, scheduler, batch: Rollout, cfg: TrainConfig,
                   nan_streak: int) -> tuple[dict[str, float], int]:
     """Split the rollout's questions into ``cfg.minibatches`` mini-batches and take one
@@ -203,7 +214,8 @@ def update_policy(model, optimizer, scheduler, batch: Rollout, cfg: TrainConfig,
                 cfg.algo, logprobs, piece.old_logprobs, piece.response_mask, piece.correct,
                 piece.r_hat, piece.group_ids, num_tokens, num_groups=num_groups,
                 num_sft_tokens=num_sft_tokens,
-                overlong_penalty=piece.penalty if cfg.overlong_shaping else None, **hparams)
+                overlong_penalty=piece.penalty if cfg.overlong_shaping else None,
+                token_weights=truncated_is_weights(piece, cfg.tis_cap), **hparams)
             if not torch.isfinite(loss):
                 finite = False
                 break
