@@ -111,6 +111,48 @@ def test_token_logprobs_match_log_softmax_in_float64_with_gradients(monkeypatch,
                                atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("chunk_elements", [2**25, 200])  # one chunk; 2 tokens per chunk
+@pytest.mark.parametrize("tied", [True, False])
+def test_logprobs_from_hidden_states_equal_the_logits_path_in_float64(monkeypatch, tiny_base,
+                                                                     chunk_elements, temperature,
+                                                                     tied):
+    """The LM head applied a chunk of tokens at a time (forward and recomputing backward)
+    gives the same log-probs, entropy and gradient on every parameter as the plain path:
+    logits of the whole batch, log-softmax, gather."""
+    from nftune import update
+    from nftune.update import logits_from_hidden_states, position_ids_for, response_logprobs
+
+    monkeypatch.setattr(update, "LOGIT_CHUNK_ELEMENTS", chunk_elements)
+    model, _ = load_policy(str(tiny_base), torch.device("cpu"))
+    if not tied:  # an untied head: its own weight gets a gradient too
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() + 0.01)
+    model = model.double().train()
+    assert logits_from_hidden_states(model)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 60, (3, 12))
+    attn = torch.ones_like(ids)
+    attn[0, :2] = 0  # a left-padded row
+    p = 5
+    weights = torch.randn(3, 7, dtype=torch.float64)
+
+    logp, entropy = response_logprobs(model, ids, attn, p, with_entropy=True,
+                                      temperature=temperature)
+    (logp.double() * weights).sum().backward()
+    fast = {n: q.grad.clone() for n, q in model.named_parameters()}
+    model.zero_grad()
+    logits = model(input_ids=ids, attention_mask=attn,
+                   position_ids=position_ids_for(attn)).logits[:, p - 1:-1] / temperature
+    plain = torch.log_softmax(logits, -1)
+    expected = plain.gather(-1, ids[:, p:, None]).squeeze(-1)
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(logp.double(), expected.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(entropy.double(), -(plain.exp() * plain).sum(-1).detach(),
+                               atol=1e-6, rtol=0)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(fast[name], param.grad, atol=1e-9, rtol=1e-7, msg=name)
+
+
 def test_old_logprobs_are_those_of_the_sampling_temperature(policy):
     """At T = 0.6 the answers are drawn from softmax(logits / 0.6): recorded and recomputed
     old log-probs are of that distribution (checked against a plain forward), and the NFT loss

@@ -130,14 +130,18 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(directory: Path, model, tokenizer, state: dict[str, Any]) -> None:
-    """Write a HF model dir, the trainer state and the manifest into a temp dir, flush it to
-    disk, then rename it into place: a crash leaves the previous checkpoint intact."""
+def save_checkpoint(directory: Path, model, tokenizer, state: dict[str, Any],
+                    final: bool = False) -> None:
+    """Write the policy (:func:`nftune.policy.save_policy`), the tokenizer, the trainer state
+    and the manifest into a temp dir, flush it to disk, then rename it into place: a crash
+    leaves the previous checkpoint intact."""
+    from nftune.policy import save_policy
+
     tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    save_policy(model, tmp, final)
     tokenizer.save_pretrained(tmp)
     save_state(tmp, state)
     files = {}
@@ -176,7 +180,8 @@ def check_checkpoint(directory: Path) -> None:
         raise CheckpointError(f"{manifest}: not a valid manifest")
     for name in ("model.safetensors", STATE_JSON, STATE_TENSORS):
         if name not in files and not (name == "model.safetensors" and any(
-                f.startswith("model-") and f.endswith(".safetensors") for f in files)):
+                (f.startswith("model-") and f.endswith(".safetensors"))
+                or f == "adapter_model.safetensors" for f in files)):  # sharded, or LoRA
             raise CheckpointError(f"{manifest}: does not list {name}")
     for name, expected in files.items():
         path = directory / name

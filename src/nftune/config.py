@@ -16,7 +16,7 @@ import yaml
 
 # where and on what a run executes: free to differ on resume (a run directory can move)
 RESUME_FREE_KEYS = ("output_dir", "data_dir", "device", "verify_workers",
-                    "vllm_gpu_memory_utilization", "vllm_sleep")
+                    "vllm_gpu_memory_utilization", "vllm_sleep", "gradient_checkpointing")
 # may change on resume with --allow-changes: bookkeeping and evaluation, never what is trained;
 # steps only with a constant learning rate (the cosine schedule depends on it)
 RESUME_SAFE_KEYS = ("steps", "save_every", "keep_checkpoints", "eval_every", "eval_data",
@@ -46,7 +46,24 @@ class TrainConfig:
     output_dir: str = _option("runs/nft", "Where metrics.jsonl, checkpoints/ and config.yaml go.")
     seed: int = _option(0, "Seed of the data order, sampling and initialisation of the run.")
     device: str = _option("auto", "auto | cpu | cuda | cuda:N.")
-    bf16: bool = _option(False, "bf16 autocast for forward passes (log-softmax stays fp32).")
+    bf16: bool = _option(False, "bf16 autocast for every forward pass: sampling, π_old's "
+                                "log-probs and the update alike (log-softmax stays fp32).")
+    gradient_checkpointing: bool = _option(False, "Recompute each layer's activations in "
+                                                  "backward instead of keeping them (less "
+                                                  "memory, ~1/3 more compute).")
+    lora_rank: int = _option(0, "LoRA rank r (PEFT); 0 = train every weight. Only adapters "
+                                "train and are checkpointed; final/ holds the merged model.")
+    lora_alpha: float | None = _option(None, "LoRA α; the update is scaled by α / r "
+                                             "(default 2 r).")
+    lora_dropout: float = _option(0.0, "LoRA dropout. Above 0 the update's π_θ is noisier than "
+                                       "π_old's (dropout is off when sampling): keep 0 for "
+                                       "exact ratios.")
+    lora_target_modules: str = _option("all-linear", "Modules that get adapters: all-linear "
+                                                     "(every linear layer but the LM head) or "
+                                                     "names, e.g. q_proj,v_proj.")
+    base_dtype: str = _option("float32", "With LoRA: dtype of the frozen base weights, float32 "
+                                         "| bfloat16 (half the memory); adapters and their "
+                                         "optimizer stay float32.")
     # --- Algorithm 1: rollout ---
     rollout_engine: str = _option("hf", "Generation engine: hf (Hugging Face generate on the "
                                         "trained model) | vllm (vLLM in this process; the "
@@ -74,7 +91,7 @@ class TrainConfig:
                                              "generate (recorded from the sampling steps' own "
                                              "logits, no extra pass; hf only) | recompute (a "
                                              "no-grad forward over the rollout). Default: "
-                                             "generate with hf, recompute with vllm.")
+                                             "generate with hf in float32, else recompute.")
     tis_cap: float = _option(0.0, "vllm: truncated importance sampling, each token's loss "
                                   "times min(π_old / π_vllm, tis_cap), for vLLM's numerical "
                                   "mismatch (0 = off; verl and TRL use 2 to 5).")
@@ -156,15 +173,22 @@ class TrainConfig:
             raise ValueError(f"rollout_engine: unknown {self.rollout_engine!r}; "
                              f"valid: {sorted(ENGINES)}")
         records = ENGINES[self.rollout_engine].records_logprobs
+        half = self.bf16 or self.base_dtype == "bfloat16"
         if self.old_logprobs is None:
-            self.old_logprobs = "generate" if records else "recompute"
+            self.old_logprobs = "generate" if records and not half else "recompute"
         if self.old_logprobs == "generate" and not records:
             raise ValueError(f"old_logprobs: generate needs an engine that records the "
                              f"trainer's log-probs (hf); {self.rollout_engine}'s differ from the "
                              "trainer's forward, so π_old is recomputed (old_logprobs: recompute)")
+        if self.old_logprobs == "generate" and half:
+            raise ValueError("old_logprobs: generate is not on-policy in bf16 (step-by-step "
+                             "decoding rounds differently from the update's forward, by up to "
+                             "0.09 in log-prob): use recompute")
         if self.tis_cap and not (self.rollout_engine == "vllm" and objective.token_level):
             raise ValueError("tis_cap: needs rollout_engine vllm and an objective whose loss is "
                              f"a token mean ({self.algo} with {self.rollout_engine})")
+        if self.lora_alpha is None and self.lora_rank:
+            self.lora_alpha = 2.0 * self.lora_rank
         if self.dynamic_sampling is None:
             self.dynamic_sampling = objective.dynamic_sampling
         if self.overlong_shaping is None:
@@ -203,6 +227,12 @@ class TrainConfig:
             (self.tis_cap == 0 or self.tis_cap >= 1, "tis_cap: 0 (off) or at least 1"),
             (0 < self.vllm_gpu_memory_utilization <= 1,
              "vllm_gpu_memory_utilization: a fraction in (0, 1]"),
+            (self.lora_rank >= 0, "lora_rank: 0 (off) or more"),
+            (0 <= self.lora_dropout < 1, "lora_dropout: in [0, 1)"),
+            (self.base_dtype in ("float32", "bfloat16"), "base_dtype: float32 or bfloat16"),
+            (self.base_dtype == "float32" or self.lora_rank > 0,
+             "base_dtype: bfloat16 needs lora_rank > 0 (a full fine-tune keeps float32 "
+             "weights for AdamW)"),
         ]
         for ok, message in checks:
             if not ok:

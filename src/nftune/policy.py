@@ -1,6 +1,6 @@
-"""The policy π_θ: loading the model and tokenizer, where it runs, at what precision, and the
-optimizer and learning-rate schedule that update it. (LoRA and gradient checkpointing belong
-here.)"""
+"""The policy π_θ: loading the model and tokenizer, where it runs, at what precision, LoRA
+adapters and gradient checkpointing, how it is saved, and the optimizer and learning-rate
+schedule that update it."""
 
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_policy(path: str, device: torch.device, safetensors_only: bool = False):
+def load_policy(path: str, device: torch.device, safetensors_only: bool = False,
+                dtype: torch.dtype = torch.float32):
     """The causal LM and its tokenizer (:func:`load_tokenizer`). ``safetensors_only`` (for
     checkpoints nftune wrote) never reads a pickle-based weights file that may sit beside
     them."""
@@ -60,10 +61,84 @@ def load_policy(path: str, device: torch.device, safetensors_only: bool = False)
     tokenizer = load_tokenizer(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, **({"use_safetensors": True} if safetensors_only else {}))
+            path, dtype=dtype, **({"use_safetensors": True} if safetensors_only else {}))
     except OSError as err:
         raise FileNotFoundError(f"model: cannot load {path} ({err})") from None
     return model.to(device), tokenizer
+
+
+def build_policy(cfg: TrainConfig, device: torch.device, checkpoint: Path | None = None):
+    """The policy a run trains, and its tokenizer: ``cfg.model`` (or the checkpoint's weights)
+    with gradient checkpointing and LoRA adapters as configured. A LoRA checkpoint holds the
+    adapters only: the base comes from ``cfg.model`` again. The frozen base of a LoRA run is
+    held in ``cfg.base_dtype``; adapters, and every weight of a full fine-tune, in float32."""
+    lora = cfg.lora_rank > 0
+    source = str(checkpoint) if checkpoint is not None and not lora else cfg.model
+    dtype = getattr(torch, cfg.base_dtype) if lora else torch.float32
+    model, tokenizer = load_policy(source, device, safetensors_only=source != cfg.model,
+                                   dtype=dtype)
+    if cfg.gradient_checkpointing:  # recompute each layer's activations in backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not lora:
+        return model, tokenizer
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if checkpoint is None:
+        targets = cfg.lora_target_modules
+        config = LoraConfig(
+            r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            task_type="CAUSAL_LM",
+            target_modules=targets if targets == "all-linear" else
+            [t.strip() for t in targets.split(",") if t.strip()])
+        return get_peft_model(model, config), tokenizer  # adapters in float32
+    if not (checkpoint / "adapter_model.safetensors").exists():
+        raise FileNotFoundError(f"{checkpoint}: no adapter_model.safetensors (LoRA checkpoint)")
+    return PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True), tokenizer
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def merged_state_dict(model) -> dict[str, torch.Tensor]:
+    """The policy's weights under the plain model's names: LoRA adapters merged into their
+    base weights (W + scale · B A, computed in float32, stored in W's dtype); the model's own
+    state dict without LoRA. The trained model itself is left as it is."""
+    if not is_lora(model):
+        return model.state_dict()
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    deltas = {}
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer):
+                delta = sum(module.get_delta_weight(a).float() for a in module.active_adapters)
+                deltas[f"{name}.weight"] = delta
+        merged = {}
+        for name, tensor in base.state_dict().items():
+            if ".lora_" in name:
+                continue
+            name = name.replace(".base_layer.", ".")
+            merged[name] = (tensor.float() + deltas[name]).to(tensor.dtype) \
+                if name in deltas else tensor
+    return merged
+
+
+def save_policy(model, directory: Path, final: bool = False) -> None:
+    """The policy as a Hugging Face model directory. With LoRA a step checkpoint holds the
+    adapters alone (``adapter_model.safetensors``, ``adapter_config.json``) and ``final``
+    holds the merged model, loadable with ``from_pretrained``, plus the adapters in
+    ``adapter/``."""
+    if not is_lora(model):
+        model.save_pretrained(directory, safe_serialization=True)
+        return
+    if not final:
+        model.save_pretrained(directory, safe_serialization=True)
+        return
+    model.get_base_model().save_pretrained(directory, state_dict=merged_state_dict(model),
+                                           safe_serialization=True)
+    model.save_pretrained(directory / "adapter", safe_serialization=True)
 
 
 def precision(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -72,7 +147,9 @@ def precision(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractCont
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+    """AdamW over the weights that train (every weight, or LoRA's adapters)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
                              betas=(cfg.adam_beta1, cfg.adam_beta2))
 
 

@@ -12,6 +12,8 @@ both registered in ``ENGINES``; each hands its tokens to :func:`assemble_rollout
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Protocol
 
@@ -279,12 +281,19 @@ class HFEngine:
 
     records_logprobs = True
 
-    def __init__(self, model, tokenizer, batch_size: int = 64) -> None:
+    def __init__(self, model, tokenizer, batch_size: int = 64,
+                 precision: Callable[[], contextlib.AbstractContextManager] | None = None
+                 ) -> None:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.precision = precision or contextlib.nullcontext
 
     @classmethod
     def from_config(cls, model, tokenizer, cfg) -> HFEngine:
-        return cls(model, tokenizer, cfg.gen_batch_size)
+        """Sampling in the trainer's precision (``bf16``: the same autocast as the update)."""
+        from nftune.policy import pick_device, precision
+
+        device = pick_device(cfg.device)
+        return cls(model, tokenizer, cfg.gen_batch_size, lambda: precision(cfg, device))
 
     def generate(self, prompts: list[str], k: int, *, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
@@ -292,10 +301,12 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            return generate_rollout(self.model, self.tokenizer, prompts, k,
-                                    max_new_tokens=max_new_tokens, temperature=temperature,
-                                    top_p=top_p, top_k=top_k, batch_size=self.batch_size,
-                                    record_logprobs=record_logprobs)
+            with self.precision():
+                return generate_rollout(self.model, self.tokenizer, prompts, k,
+                                        max_new_tokens=max_new_tokens,
+                                        temperature=temperature, top_p=top_p, top_k=top_k,
+                                        batch_size=self.batch_size,
+                                        record_logprobs=record_logprobs)
         finally:
             self.model.train(was_training)
 
@@ -416,7 +427,9 @@ class VLLMEngine:
 
     def _push_weights(self) -> None:
         """The trainer's current weights into vLLM, in memory."""
-        weights = list(self.model.state_dict().items())
+        from nftune.policy import merged_state_dict
+
+        weights = list(merged_state_dict(self.model).items())  # LoRA: merged into the base
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.stale = False
         self.weight_pushes += 1

@@ -38,7 +38,13 @@ from nftune.config import TrainConfig
 from nftune.data import PromptSampler, Question, format_prompt, load_questions, strategy_for
 from nftune.evaluate import evaluate_sets, load_eval_sets
 from nftune.objectives import informative, overlong_penalty
-from nftune.policy import load_policy, make_optimizer, make_scheduler, pick_device
+from nftune.policy import (
+    build_policy,
+    make_optimizer,
+    make_scheduler,
+    pick_device,
+    precision,
+)
 from nftune.rollout import (
     ENGINES,
     GenerationEngine,
@@ -143,8 +149,9 @@ def collect_rollout(model, tokenizer, questions: list[Question], sampler: Prompt
     if cfg.old_logprobs == "recompute":
         start = time.perf_counter()
         model.eval()
-        batch_rollout.old_logprobs, batch_rollout.entropy = recompute_logprobs(
-            model, batch_rollout, cfg.micro_batch_tokens, cfg.temperature)
+        with precision(cfg, batch_rollout.input_ids.device):  # the update's precision
+            batch_rollout.old_logprobs, batch_rollout.entropy = recompute_logprobs(
+                model, batch_rollout, cfg.micro_batch_tokens, cfg.temperature)
         stats.time_old_logprobs_s = time.perf_counter() - start
     if batch_rollout.engine_logprobs is not None and batch_rollout.old_logprobs is not None:
         mask = batch_rollout.response_mask.bool()
@@ -238,15 +245,13 @@ class Trainer:
         self.verifier = self._cleanup.enter_context(
             Verifier(cfg.verify_workers, cfg.verify_timeout_s, strategy=strategy_for(cfg.template)))
         self.verifier.start_in_background()  # its warm-up overlaps loading the model and data
-        if checkpoint is None:
-            self.model, self.tokenizer = load_policy(cfg.model, device)
-        else:
-            try:
-                self.model, self.tokenizer = load_policy(str(checkpoint), device,
-                                                         safetensors_only=True)
-            except Exception as err:  # noqa: BLE001 — whatever the file holds, name the checkpoint
-                raise CheckpointError(f"{checkpoint}: cannot load the model "
-                                      f"({type(err).__name__}: {err})") from None
+        try:
+            self.model, self.tokenizer = build_policy(cfg, device, checkpoint)
+        except Exception as err:  # noqa: BLE001 — whatever the file holds, name the checkpoint
+            if checkpoint is None:
+                raise
+            raise CheckpointError(f"{checkpoint}: cannot load the model "
+                                  f"({type(err).__name__}: {err})") from None
         self.engine = ENGINES[cfg.rollout_engine].from_config(self.model, self.tokenizer, cfg)
         self.questions = load_questions(cfg.train_data, data_dir=cfg.data_dir,
                                         limit=cfg.train_limit)
@@ -310,7 +315,8 @@ class Trainer:
 
     def save_final(self) -> Path:
         """The trained model as ``final/`` (a Hugging Face model directory); returns it."""
-        save_checkpoint(self.out / "final", self.model, self.tokenizer, self._state())
+        save_checkpoint(self.out / "final", self.model, self.tokenizer, self._state(),
+                        final=True)
         return self.out / "final"
 
     def _state(self) -> dict[str, Any]:

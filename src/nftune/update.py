@@ -94,17 +94,116 @@ def token_logprobs(logits: Tensor, targets: Tensor, with_entropy: bool = False,
     return torch.cat(logprobs), torch.cat(entropy) if with_entropy else None
 
 
+class _HeadLogprob(torch.autograd.Function):
+    """log softmax(s · h Wᵀ)_a for final hidden states h (N, H) through the LM head W (V, H), a
+    chunk of tokens at a time: the (N, V) logits never exist at once, in forward or backward.
+    Keeps h, W and the per-token logsumexp; backward recomputes each chunk's logits
+    (d/dlogits_j = g · s · (1[j = a] − p_j)) and accumulates dh and dW (if W trains)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, target: Tensor, scale: float,
+                chunk: int) -> Tensor:
+        # the head's matmul runs in the precision of the surrounding forward (autocast or not)
+        dtype = torch.get_autocast_dtype(hidden.device.type) \
+            if torch.is_autocast_enabled(hidden.device.type) else weight.dtype
+        acc = torch.promote_types(dtype, torch.float32)  # log-softmax in fp32 (fp64 stays)
+        picked, lse = [], []
+        w = weight.to(dtype)
+        for h, a in zip(hidden.split(chunk), target.split(chunk), strict=True):
+            x = torch.nn.functional.linear(h.to(dtype), w).to(acc) * scale
+            norm = torch.logsumexp(x, dim=-1)
+            picked.append(x.gather(-1, a.unsqueeze(-1)).squeeze(-1) - norm)
+            lse.append(norm)
+        ctx.save_for_backward(hidden, weight, target, torch.cat(lse))
+        ctx.scale, ctx.chunk, ctx.dtype = scale, chunk, dtype
+        return torch.cat(picked)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        hidden, weight, target, lse = ctx.saved_tensors
+        w = weight.to(ctx.dtype)
+        acc = torch.promote_types(ctx.dtype, torch.float32)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            h = hidden[rows].to(ctx.dtype)
+            x = torch.nn.functional.linear(h, w).to(acc) * ctx.scale
+            g = grad[rows].to(acc).unsqueeze(-1)
+            d = torch.exp(x - lse[rows].unsqueeze(-1)).mul_(-g)
+            d.scatter_add_(-1, target[rows].unsqueeze(-1), g)
+            d = d.mul_(ctx.scale).to(ctx.dtype)
+            grad_hidden[rows] = (d @ w).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += (d.t() @ h).to(acc)
+        return (grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None,
+                None, None, None)
+
+
+def head_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, with_entropy: bool = False,
+                  temperature: float = 1.0) -> tuple[Tensor, Tensor | None]:
+    """:func:`token_logprobs` from the final hidden states (B, R, H) and the LM head's weight
+    (V, H) instead of the logits: log softmax(h Wᵀ / temperature) at ``targets``, (B, R) in
+    float32, and optionally the entropy (a diagnostic, without gradient); the logits exist a
+    chunk of tokens at a time only, in forward and backward."""
+    b, r, size = hidden.shape
+    flat, flat_targets = hidden.reshape(b * r, size), targets.reshape(b * r)
+    chunk = max(1, LOGIT_CHUNK_ELEMENTS // weight.shape[0])
+    scale = 1.0 / temperature
+    logprobs = _HeadLogprob.apply(flat, weight, flat_targets, scale, chunk).view(b, r)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            dtype = torch.get_autocast_dtype(hidden.device.type) \
+                if torch.is_autocast_enabled(hidden.device.type) else weight.dtype
+            parts = []
+            for h in flat.split(chunk):
+                logits = torch.nn.functional.linear(h.to(dtype), weight.to(dtype))
+                logp = torch.log_softmax(
+                    logits.to(torch.promote_types(dtype, torch.float32)) * scale, -1)
+                parts.append(-(logp.exp() * logp).sum(-1))
+            entropy = torch.cat(parts).view(b, r)
+    return logprobs, entropy
+
+
+# False: always take log-probs from the logits (how the update worked before; for benchmarks)
+LOGPROBS_FROM_HIDDEN_STATES = True
+
+
+def logits_from_hidden_states(model) -> bool:
+    """True if the model's logits are exactly its LM head (no bias, soft-capping or scale)
+    applied to its decoder's output, so :func:`head_logprobs` can stand in for them."""
+    head = model.get_output_embeddings()
+    config = model.config
+    return (isinstance(head, torch.nn.Linear) and head.bias is None
+            and hasattr(model, "get_decoder")
+            and not getattr(config, "final_logit_softcapping", None)
+            and getattr(config, "logit_scale", None) in (None, 1.0))
+
+
 def response_logprobs(model, input_ids: Tensor, attention_mask: Tensor, prompt_len: int,
                       with_entropy: bool = False, temperature: float = 1.0
                       ) -> tuple[Tensor, Tensor | None]:
     """Per-token log π(a_t | q, a_<t) of the response columns, (B, R), and optionally the
     policy's entropy at each of them, in float32 whatever the model's dtype. π is the
-    distribution answers are sampled from: the model's logits divided by ``temperature``."""
+    distribution answers are sampled from: the model's logits divided by ``temperature``.
+
+    For the usual causal LM (:func:`logits_from_hidden_states`) the decoder's final hidden
+    states go through the LM head a chunk of tokens at a time (:func:`head_logprobs`), so no
+    (tokens × vocabulary) tensor is ever held for the batch; otherwise from the logits of the
+    response positions (:func:`token_logprobs`)."""
     width = input_ids.shape[1] - prompt_len
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_for(attention_mask),
+    position_ids = position_ids_for(attention_mask)
+    targets = input_ids[:, prompt_len:]
+    if LOGPROBS_FROM_HIDDEN_STATES and logits_from_hidden_states(model):
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                     position_ids=position_ids).last_hidden_state
+        return head_logprobs(hidden[:, prompt_len - 1:-1], model.get_output_embeddings().weight,
+                             targets, with_entropy, temperature)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    logits_to_keep=width + 1).logits[:, :-1]
-    return token_logprobs(logits, input_ids[:, prompt_len:], with_entropy, temperature)
+    return token_logprobs(logits, targets, with_entropy, temperature)
 
 
 @torch.no_grad()

@@ -167,6 +167,34 @@ def test_an_update_reaches_vllm_only_through_the_push(base32):
     assert engine.weight_pushes == 2  # at start and after the step
 
 
+def test_lora_policy_is_pushed_merged(base32):
+    """A LoRA policy (adapters moved off zero) reaches vLLM as merged weights: vLLM's
+    log-probs of a fixed answer equal the adapted model's, not the base's."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = load_policy(str(base32), CPU)
+    base_model, _ = load_policy(str(base32), CPU)
+    policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    policy.eval()
+    engine = VLLMEngine(str(base32), tokenizer, model=policy)
+    prompt = tokenizer(format_prompt("3+4", "raw", tokenizer),
+                       add_special_tokens=False)["input_ids"]
+    ids = prompt + tokenizer("\n3+4=7\nAnswer: 7", add_special_tokens=False)["input_ids"]
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():
+        adapted = response_logprobs(policy, input_ids, torch.ones_like(input_ids),
+                                    len(prompt))[0][0]
+        plain = response_logprobs(base_model, input_ids, torch.ones_like(input_ids),
+                                  len(prompt))[0][0]
+    assert (adapted - plain).abs().max() > 0.05
+    assert (adapted - _vllm_scores(engine, ids, len(prompt))).abs().max() < 1e-3
+
+
 def test_every_declared_eos_ends_an_answer(base32, tmp_path):
     """A chat-style model whose generation config lists two EOS ids and whose tokenizer names
     the other one: answers end at the model's real EOS, as with Hugging Face generate."""
