@@ -123,6 +123,7 @@ def run_trl(name: str, model_dir: str, rows: int, tokens: int) -> dict:
               "advantages": batch.correct * 2 - 1,
               "num_items_in_batch": completion_mask.sum().float()}
     trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's training loop
     optimizer = trainer.create_optimizer()
     start = time.perf_counter()
     loss = trainer.compute_loss(trainer.model, inputs)
