@@ -130,10 +130,7 @@ def save_policy(model, directory: Path, final: bool = False) -> None:
     adapters alone (``adapter_model.safetensors``, ``adapter_config.json``) and ``final``
     holds the merged model, loadable with ``from_pretrained``, plus the adapters in
     ``adapter/``."""
-    if not is_lora(model):
-        model.save_pretrained(directory, safe_serialization=True)
-        return
-    if not final:
+    if not (is_lora(model) and final):  # a plain model, or a LoRA step checkpoint
         model.save_pretrained(directory, safe_serialization=True)
         return
     model.get_base_model().save_pretrained(directory, state_dict=merged_state_dict(model),

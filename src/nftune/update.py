@@ -94,6 +94,15 @@ def token_logprobs(logits: Tensor, targets: Tensor, with_entropy: bool = False,
     return torch.cat(logprobs), torch.cat(entropy) if with_entropy else None
 
 
+def _head_precision(hidden: Tensor, weight: Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """(dtype of the head's matmul: the surrounding autocast's or the weight's, dtype of the
+    log-softmax: at least float32)."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) \
+        else weight.dtype
+    return dtype, torch.promote_types(dtype, torch.float32)
+
+
 class _HeadLogprob(torch.autograd.Function):
     """log softmax(s · h Wᵀ)_a for final hidden states h (N, H) through the LM head W (V, H), a
     chunk of tokens at a time: the (N, V) logits never exist at once, in forward or backward.
@@ -103,10 +112,7 @@ class _HeadLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, target: Tensor, scale: float,
                 chunk: int) -> Tensor:
-        # the head's matmul runs in the precision of the surrounding forward (autocast or not)
-        dtype = torch.get_autocast_dtype(hidden.device.type) \
-            if torch.is_autocast_enabled(hidden.device.type) else weight.dtype
-        acc = torch.promote_types(dtype, torch.float32)  # log-softmax in fp32 (fp64 stays)
+        dtype, acc = _head_precision(hidden, weight)
         picked, lse = [], []
         w = weight.to(dtype)
         for h, a in zip(hidden.split(chunk), target.split(chunk), strict=True):
@@ -122,7 +128,7 @@ class _HeadLogprob(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         hidden, weight, target, lse = ctx.saved_tensors
         w = weight.to(ctx.dtype)
-        acc = torch.promote_types(ctx.dtype, torch.float32)
+        acc = torch.promote_types(ctx.dtype, torch.float32)  # as in forward
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) \
             if ctx.needs_input_grad[1] else None
@@ -151,20 +157,24 @@ def head_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, with_entropy:
     flat, flat_targets = hidden.reshape(b * r, size), targets.reshape(b * r)
     chunk = max(1, LOGIT_CHUNK_ELEMENTS // weight.shape[0])
     scale = 1.0 / temperature
-    logprobs = _HeadLogprob.apply(flat, weight, flat_targets, scale, chunk).view(b, r)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            dtype = torch.get_autocast_dtype(hidden.device.type) \
-                if torch.is_autocast_enabled(hidden.device.type) else weight.dtype
-            parts = []
-            for h in flat.split(chunk):
-                logits = torch.nn.functional.linear(h.to(dtype), weight.to(dtype))
-                logp = torch.log_softmax(
-                    logits.to(torch.promote_types(dtype, torch.float32)) * scale, -1)
-                parts.append(-(logp.exp() * logp).sum(-1))
-            entropy = torch.cat(parts).view(b, r)
-    return logprobs, entropy
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if needs_grad:
+        logprobs = _HeadLogprob.apply(flat, weight, flat_targets, scale, chunk).view(b, r)
+        if not with_entropy:
+            return logprobs, None
+    # no gradient (π_old's recompute), or the entropy diagnostic: one pass over the chunks
+    dtype, acc = _head_precision(hidden, weight)
+    picked, entropy = [], []
+    with torch.no_grad():
+        w = weight.to(dtype)
+        for h, a in zip(flat.split(chunk), flat_targets.split(chunk), strict=True):
+            logp = torch.log_softmax(torch.nn.functional.linear(h.to(dtype), w).to(acc) * scale,
+                                     -1)
+            picked.append(logp.gather(-1, a.unsqueeze(-1)).squeeze(-1))
+            entropy.append(-(logp.exp() * logp).sum(-1))
+    if not needs_grad:
+        logprobs = torch.cat(picked).view(b, r)
+    return logprobs, torch.cat(entropy).view(b, r) if with_entropy else None
 
 
 # False: always take log-probs from the logits (how the update worked before; for benchmarks)
