@@ -46,6 +46,9 @@ def test_errors_name_the_key():
         build_config(None, {"algo": "grpo", "weight": "one"})
     with pytest.raises(ValueError, match="eps: not a hyper-parameter of infonca"):
         build_config(None, {"algo": "infonca", "eps": 0.5})
+    for eps in (1.5, 0.0, -1):  # above 1 the on-policy loss would be −ω·log ε, not 0
+        with pytest.raises(ValueError, match=r"eps: .*must lie in \(0, 1\]"):
+            build_config(None, {"algo": "nft", "eps": eps})
     with pytest.raises(ValueError, match="overlong_shaping: nft"):
         build_config(None, {"algo": "nft", "overlong_shaping": True})
     with pytest.raises(ValueError, match="missing value"):

@@ -1,6 +1,7 @@
 """Question loading for every hub schema (fixtures written here), cleaning, templates, errors."""
 
 import json
+import warnings
 from pathlib import Path
 
 import datasets
@@ -182,3 +183,51 @@ def test_chat_template_wraps_the_inner_prompt():
     assert out == f"<user>{DAPO_PREFIX}2+2?{DAPO_SUFFIX}</user><assistant>"
     with pytest.raises(ValueError, match="chat template"):
         format_prompt("2+2?", "chat", object())
+
+
+def test_hub_copy_of_dapo17k_repeated_as_on_the_hub_cleans_to_the_same_questions(monkeypatch):
+    """The hub's DAPO-Math-17k has ~1.79 M rows: the 17,917 rows repeated (100 ×, each with its
+    own index). Loaded by name, 400 real rows laid out like that copy and repeated 25 × (in
+    the hub's order: the whole set, then the whole set again) clean to exactly the questions
+    the same 400 rows give as a flat file — the second method — and the report counts the
+    repeats as duplicates."""
+    rows = [json.loads(line) for line in
+            (BENCH / "dapo17k.jsonl").read_text().splitlines()[:400]]
+    hub = [{"data_source": "math_dapo",
+            "prompt": [{"role": "user", "content": DAPO_PREFIX + r["problem"] + DAPO_SUFFIX}],
+            "ability": "MATH", "reward_model": {"ground_truth": r["answer"], "style": "rule"},
+            "extra_info": {"index": f"{copy}-{r['id']}"}}
+           for copy in range(25) for r in rows]
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda repo, config=None, split=None: datasets.Dataset.from_list(hub))
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # conflicting answers, if any, are warned about
+        from_hub = load_questions("dapo17k")
+        flat = clean_questions([Question(r["id"], r["problem"], r["answer"], "flat")
+                                for r in rows])[0]
+    assert [(q.problem, q.answer) for q in from_hub] == [(q.problem, q.answer) for q in flat]
+    assert [q.id for q in from_hub] == [f"0-{q.id}" for q in flat]  # first copy kept
+    report = from_hub.report
+    assert report.rows_in == 25 * 400 and report.prefix_stripped == 25 * 400
+    assert report.duplicates_dropped >= 24 * 400 - report.conflicts_dropped
+
+
+def test_rows_keep_their_other_fields_for_reward_functions(tmp_path):
+    path = tmp_path / "countdown.jsonl"
+    path.write_text(json.dumps({"id": "c1", "problem": "Reach 24 with 3 5 8", "answer": "24",
+                                "numbers": [3, 5, 8], "target": 24, "tests": ["t1"]}) + "\n")
+    q = load_questions(str(path))[0]
+    assert q.extra == {"numbers": [3, 5, 8], "target": 24, "tests": ["t1"]}
+    # a Question written out as a row (json of its fields) reads back with the same extra
+    again = tmp_path / "again.jsonl"
+    again.write_text(json.dumps(q.__dict__) + "\n")
+    assert load_questions(str(again))[0].extra == q.extra
+    dapo = load_questions(_write_parquet(tmp_path, HUB_FIXTURES["dapo17k"]))[0]
+    assert dapo.extra == {"ability": "MATH", "extra_info": {"index": "a1"}}
+
+
+def _write_parquet(tmp_path, rows) -> str:
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)

@@ -220,3 +220,38 @@ def test_answers_end_at_the_first_stop_token_of_any_kind():
     assert rollout.input_ids[:, 2:].tolist() == [[5, 7, 0, 0], [5, 5, 1, 0], [5, 5, 5, 5]]
     assert rollout.attention_mask[:, :2].tolist() == [[0, 1], [1, 1], [0, 1]]
     assert rollout.group_ids.tolist() == [0, 0, 0]
+
+
+def test_answers_are_cut_to_the_models_context():
+    """A model with 40 positions and 30-token prompts: whatever max_new_tokens asks, an answer
+    stops at 10 tokens (truncated there), with one warning; a prompt filling the context is an
+    error that names it."""
+    from nftune.tasks.tiny_model import char_tokenizer, tiny_qwen2
+
+    tokenizer = char_tokenizer()
+    model = tiny_qwen2(tokenizer, hidden=32, layers=1, heads=2, kv_heads=1, max_positions=40)
+    model.generation_config.eos_token_id = None  # no end of answer: every answer runs out
+    tokenizer.eos_token = None
+    prompt = "1" * 30
+    with pytest.warns(UserWarning, match="40 positions"):
+        rollout = generate_rollout(model, tokenizer, [prompt], 3, max_new_tokens=64)
+    assert rollout.input_ids.shape[1] <= 40
+    assert rollout.response_lengths.tolist() == [10, 10, 10]
+    assert rollout.truncated.all()
+    with pytest.raises(ValueError, match="40-token prompt leaves no room"):
+        generate_rollout(model, tokenizer, ["1" * 40], 1, max_new_tokens=5)
+
+
+def test_prompts_start_with_bos_once_where_the_tokenizer_has_one():
+    """Llama-style tokenizers expect BOS first: a plain prompt gets it, a chat-formatted one
+    (whose template wrote it) does not get a second; a tokenizer without BOS adds nothing."""
+    from nftune.rollout import encode_prompts
+    from nftune.tasks.tiny_model import char_tokenizer
+
+    plain = char_tokenizer()
+    assert encode_prompts(plain, ["12"]) == [plain("12", add_special_tokens=False)["input_ids"]]
+    tokenizer = char_tokenizer()
+    tokenizer.add_special_tokens({"bos_token": "<s>"})
+    bos = tokenizer.bos_token_id
+    body = tokenizer("1+2", add_special_tokens=False)["input_ids"]
+    assert encode_prompts(tokenizer, ["1+2", "<s>1+2"]) == [[bos, *body], [bos, *body]]

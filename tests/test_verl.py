@@ -279,7 +279,7 @@ def test_example_recipe_is_a_valid_verl_config(monkeypatch, tmp_path):
     assert cfg.data.train_batch_size // actor.ppo_mini_batch_size == 16
     assert actor.optim.lr == 1e-6 and actor.optim.lr_warmup_steps > 0
     assert not actor.use_kl_loss and not cfg.algorithm.use_kl_in_reward
-    assert actor.entropy_coeff == 0 and cfg.data.max_response_length == 4096
+    assert actor.entropy_coeff == 0 and cfg.data.max_response_length == 3584
     assert cfg.data.train_files == f"{tmp_path}/train.parquet"
     # what verl's workers and driver will instantiate and look up
     actor_cfg = omega_conf_to_dataclass(actor)
@@ -299,3 +299,94 @@ def test_example_recipe_is_a_valid_verl_config(monkeypatch, tmp_path):
     assert algo.filter_groups.enable and algo.filter_groups.metric == "acc"
     reward = cfg.reward.custom_reward_function
     assert load_extern_object(reward.path, reward.name) is plugin.compute_score
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe as launched: lengths, prompt format, what verl's entry point imports
+# ---------------------------------------------------------------------------------------------
+
+EXAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples" / "verl"
+# max_position_embeddings in Qwen/Qwen2.5-Math-7B's config.json (no hub here: written down)
+CONTEXT = {"Qwen/Qwen2.5-Math-7B": 4096}
+# Qwen2.5-Math's chat template puts this system prompt before a conversation that has none
+QWEN_MATH_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def _recipe(tmp_path, monkeypatch, overrides=()):
+    from hydra import compose, initialize_config_dir
+
+    monkeypatch.setenv("NFTUNE_VERL_DATA", str(tmp_path))
+    with initialize_config_dir(config_dir=str(EXAMPLES), version_base=None):
+        return compose(config_name="nft_qwen2.5_math_7b", overrides=list(overrides))
+
+
+def _verl_data_args() -> list[str]:
+    """The `nftune verl-data` command of the recipe's launch script, as argv."""
+    import re
+    import shlex
+
+    script = (EXAMPLES / "run_nft_qwen2.5_math_7b.sh").read_text()
+    command = re.search(r"nftune verl-data([^\n]*)", re.sub(r"\\\n\s*", " ", script))
+    return ["verl-data", *shlex.split(command.group(1))]
+
+
+def test_recipe_prompt_and_answer_fit_the_models_context(tmp_path, monkeypatch):
+    cfg = _recipe(tmp_path, monkeypatch)
+    context = CONTEXT[cfg.actor_rollout_ref.model.path]
+    assert cfg.data.max_prompt_length + cfg.data.max_response_length <= context
+    assert cfg.data.filter_overlong_prompts  # a longer prompt is dropped, not cut or failed
+    max_model_len = cfg.actor_rollout_ref.rollout.get("max_model_len")
+    assert max_model_len is None or max_model_len <= context
+
+
+def test_recipe_prompt_format_and_reward_agree(tmp_path, monkeypatch, arithmetic_files):
+    """The row verl builds from the recipe's data, in Qwen2.5-Math's chat template: the user
+    message and the default system prompt ask for the same format, and an answer written in it
+    is graded right by the recipe's reward; one in the other format is not."""
+    from nftune.cli import build_parser
+    from nftune.data import load_questions
+    from nftune.integrations.verl import compute_score
+    from nftune.integrations.verl_data import verl_rows
+
+    args = build_parser().parse_args(_verl_data_args())
+    question = load_questions(str(arithmetic_files["test"])).questions[0]
+    for template in (args.template, args.val_template):
+        row = verl_rows([question], template, "dapo17k", "train")[0]
+        user = row["prompt"][0]["content"]
+        assert row["prompt"][0]["role"] == "user" and len(row["prompt"]) == 1  # no own system
+        asks_box = "\\boxed" in user
+        assert asks_box == ("\\boxed" in QWEN_MATH_SYSTEM), user
+        gold, info = row["reward_model"]["ground_truth"], row["extra_info"]
+        assert compute_score("dapo17k", f"so it is \\boxed{{{gold}}}", gold, info)["acc"]
+        assert not compute_score("dapo17k", f"so it is\nAnswer: {gold}", gold, info)["acc"]
+
+
+def test_recipe_entry_point_imports_resolve(tmp_path, monkeypatch):
+    """verl.trainer.main_ppo runs the v1 trainer by default, which imports TransferQueue and
+    verl's rollout server modules: the install must bring them."""
+    cfg = _recipe(tmp_path, monkeypatch)
+    assert cfg.trainer.use_v1
+    import transfer_queue  # noqa: F401
+    from verl.trainer.ppo.v1 import AgentLoopManagerTQ, get_trainer_cls
+
+    assert get_trainer_cls(cfg.trainer.v1.trainer_mode).__name__.startswith("PPOTrainer")
+    assert AgentLoopManagerTQ is not None
+
+
+def test_recipe_checkpoints_resume_and_convert_as_docs_say(tmp_path, monkeypatch):
+    """docs/scale.md's paths: checkpoints under checkpoints/<project>/<experiment>, resumed
+    automatically, converted with verl's model merger."""
+    from verl.model_merger.base_model_merger import parse_args
+
+    cfg = _recipe(tmp_path, monkeypatch)
+    assert cfg.trainer.default_local_dir == "checkpoints/nftune/nft-qwen2.5-math-7b"
+    assert cfg.trainer.resume_mode == "auto" and cfg.trainer.save_freq > 0
+    scale = (EXAMPLES.parents[1] / "docs" / "scale.md").read_text()
+    assert "checkpoints/nftune/nft-qwen2.5-math-7b/global_step_" in scale
+    import re
+    import shlex
+    merge = re.search(r"python3? -m verl\.model_merger (merge[^\n]*)",
+                      re.sub(r"\\\n\s*", " ", scale))
+    monkeypatch.setattr(sys, "argv", ["model_merger", *shlex.split(merge.group(1))])
+    args = parse_args()
+    assert args.backend == "fsdp" and args.local_dir.endswith("/actor")

@@ -7,11 +7,14 @@ set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 export NFTUNE_VERL_DATA="${NFTUNE_VERL_DATA:-$PWD/data/verl}"
 
-# 1. data: DAPO-Math-17k (cleaned by nftune) + the six benchmarks, in verl's parquet schema
+# 1. data: DAPO-Math-17k (cleaned by nftune) + the six benchmarks, in verl's parquet schema.
+# verl wraps each prompt in the model's chat template, whose default system prompt for
+# Qwen2.5-Math asks for \boxed{}: the boxed template asks the same, and the reward extracts
+# the box. Evaluate the result with `nftune eval --template chat:boxed` (docs/scale.md).
 if [ ! -f "$NFTUNE_VERL_DATA/train.parquet" ]; then
   nftune verl-data --train dapo17k \
       --val aime24,aime25,amc23,math500,olympiadbench,minerva \
-      --template dapo --output-dir "$NFTUNE_VERL_DATA"
+      --template boxed --val-template boxed --output-dir "$NFTUNE_VERL_DATA"
 fi
 
 # 2. train: verl's standard entry point; `import verl` loads nftune's plugin on every worker

@@ -1,9 +1,11 @@
-"""One verifier worker: ``python -m nftune._verify_worker MEMORY_MB``.
+"""One verifier worker: ``python -m nftune._verify_worker MEMORY_MB [REWARD_SPEC]``.
 
 Reads JSON lines ``{"timeout_s": t, "items": [[index, pred, gold], ...]}`` on stdin and writes
 one ``[index, verdict]`` line per item on stdout, after a ``{"ready": true}`` line once
-math-verify is warm. A fresh interpreter (not a fork) so that it never imports the caller's
-``__main__``; it ignores SIGINT (Ctrl-C is the parent's to handle) and exits at end of input.
+math-verify is warm. With a reward spec (user functions, :mod:`nftune.reward`) the items are
+``[index, response, row]`` and the answers ``[index, value]`` or ``[index, null, traceback]``.
+A fresh interpreter (not a fork) so that it never imports the caller's ``__main__``; it
+ignores SIGINT (Ctrl-C is the parent's to handle) and exits at end of input.
 """
 
 from __future__ import annotations
@@ -23,10 +25,22 @@ def main() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
 
-    from nftune.verify import math_verify_check, warm_up
+    if len(sys.argv) > 2:
+        from nftune.reward import parse_reward_spec, weighted_reward
 
-    logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # timeouts are verdicts here
-    warm_up()
+        check = _user_check(weighted_reward(parse_reward_spec(sys.argv[2])))
+    else:
+        from nftune.verify import math_verify_check, warm_up
+
+        logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # timeouts are verdicts
+        warm_up()
+
+        def check(item: list, timeout_s: float) -> list:
+            index, pred, gold = item
+            try:
+                return [index, math_verify_check(pred, gold, timeout_s)]
+            except MemoryError:
+                return [index, False]
     if memory_mb > 0:
         import resource
 
@@ -40,13 +54,25 @@ def main() -> None:
     protocol.flush()
     for line in sys.stdin:
         request = json.loads(line)
-        for index, pred, gold in request["items"]:
-            try:
-                verdict = math_verify_check(pred, gold, request["timeout_s"])
-            except MemoryError:
-                verdict = False
-            protocol.write(json.dumps([index, verdict]) + "\n")
+        for item in request["items"]:
+            protocol.write(json.dumps(check(item, request["timeout_s"])) + "\n")
             protocol.flush()
+
+
+def _user_check(reward):
+    """A user reward as the worker's check: its value, or its traceback (shortened)."""
+    import traceback
+
+    def check(item: list, timeout_s: float) -> list:
+        index, response, row = item
+        try:
+            return [index, reward(response, row)]
+        except BaseException as err:  # noqa: BLE001 — a user function's failure is a verdict
+            if isinstance(err, KeyboardInterrupt | SystemExit):
+                return [index, None, f"{type(err).__name__} raised in the reward function"]
+            return [index, None, traceback.format_exc(limit=-8)[-4000:]]
+
+    return check
 
 
 if __name__ == "__main__":

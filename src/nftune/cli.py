@@ -104,7 +104,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     summary = run_demo(algo=args.algo, steps=args.steps, quick=args.quick, seed=args.seed,
                        output_dir=args.output_dir, cache_dir=args.cache_dir,
-                       rebuild=args.rebuild, level=args.level, progress=not args.no_progress)
+                       rebuild=args.rebuild, level=args.level, progress=not args.no_progress,
+                       task=args.task)
     if args.quick and summary["after"]["sampled"] < summary["before"]["sampled"] - 0.10:
         print("quick demo: held-out accuracy collapsed", file=sys.stderr)
         return 1
@@ -234,7 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="tiny model + arithmetic: NFT on CPU in minutes")
     p.add_argument("--algo", default="nft", help="objective (default nft)")
-    p.add_argument("--steps", type=int, default=None, help="rollout steps (default 40)")
+    p.add_argument("--task", default="arithmetic", choices=("arithmetic", "countdown"),
+                   help="arithmetic (graded by the math verifier, default) or countdown "
+                        "(reach a target with given numbers; graded by its own checker)")
+    p.add_argument("--steps", type=int, default=None, help="rollout steps (default 80)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: smaller model and run, under 2 minutes")
     p.add_argument("--seed", type=int, default=0)
@@ -277,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0,
                    help="1.0 for 7B models, 0.6 for 32B in the paper")
     p.add_argument("--top-p", type=float, default=0.7)
-    p.add_argument("--max-new-tokens", type=int, default=4096)
+    p.add_argument("--max-new-tokens", type=int, default=4096,
+                   help="answer length limit (default 4096), cut where prompt and answer "
+                        "would pass the model's context (max_position_embeddings)")
     p.add_argument("--template", default=None,
                    help="prompt template (default: dapo for AIME/AMC, boxed otherwise); with "
                         "--responses it picks the answer extraction (default: either form)")

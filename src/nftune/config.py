@@ -48,9 +48,10 @@ class TrainConfig:
     device: str = _option("auto", "auto | cpu | cuda | cuda:N.")
     bf16: bool = _option(False, "bf16 autocast for every forward pass: sampling, π_old's "
                                 "log-probs and the update alike (log-softmax stays fp32).")
-    gradient_checkpointing: bool = _option(False, "Recompute each layer's activations in "
-                                                  "backward instead of keeping them (less "
-                                                  "memory, ~1/3 more compute).")
+    gradient_checkpointing: bool = _option(True, "Recompute each layer's activations in "
+                                                 "backward instead of keeping them (less "
+                                                 "memory, ~1/3 more compute; TRL's and "
+                                                 "verl's default too).")
     lora_rank: int = _option(0, "LoRA rank r (PEFT); 0 = train every weight. Only adapters "
                                 "train and are checkpointed; final/ holds the merged model.")
     lora_alpha: float | None = _option(None, "LoRA α; the update is scaled by α / r "
@@ -135,8 +136,12 @@ class TrainConfig:
     max_nan_steps: int = _option(3, "Stop after this many optimizer steps in a row with a "
                                     "non-finite loss or gradient.")
     # --- verification ---
+    reward: str = _option("math", "The reward: math (nftune's verifier), package.module:function "
+                                  "or file.py:function, several as f*0.9,g*0.1 "
+                                  "(docs/rewards.md).")
     verify_workers: int | None = _option(None, "Verifier processes (default: CPU count, max 8).")
-    verify_timeout_s: float = _option(5.0, "Time limit per verification.")
+    verify_timeout_s: float = _option(5.0, "Time limit per verification (and per call of a "
+                                           "reward function).")
     # --- evaluation during training ---
     eval_every: int = _option(0, "Evaluate every N steps and at the end (0 = never).")
     eval_data: str = _option("", "Comma-separated evaluation sets (names or paths).")
@@ -167,6 +172,11 @@ class TrainConfig:
         for name, default in objective.hparams.items():
             if name in OBJECTIVE_KEYS and getattr(self, name) is None:
                 setattr(self, name, default)
+        from nftune.reward import parse_reward_spec
+
+        parse_reward_spec(self.reward)
+        if self.eps is not None and not 0.0 < self.eps <= 1.0:
+            raise ValueError(f"eps: {self.eps}: NFT's clip ε must lie in (0, 1]")
         from nftune.rollout import ENGINES
 
         if self.rollout_engine not in ENGINES:

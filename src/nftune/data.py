@@ -35,6 +35,8 @@ class Question:
     problem: str
     answer: str
     source: str
+    # the row's other fields (e.g. ``numbers``, ``target``, ``tests``), for reward functions
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,7 @@ def _normalise(row: Any, spec: HubSet, origin: str, n: int) -> Question:
         answer = (row.get("reward_model") or {}).get("ground_truth")
         rid = (row.get("extra_info") or {}).get("index", n - 1)
         source = row.get("data_source") or origin
+        used = ("prompt", "reward_model", "data_source")
         _require(problem, "prompt[-1].content", where)
         _require(answer, "reward_model.ground_truth", where)
     else:
@@ -238,6 +241,7 @@ def _normalise(row: Any, spec: HubSet, origin: str, n: int) -> Question:
         id_key = spec.id_key if spec.id_key in row else "id"
         rid = row.get(id_key, n - 1)
         source = row.get("source") or origin
+        used = (pkey, akey, id_key, "source")
     if not isinstance(problem, str):
         raise ValueError(f"{where}: field 'problem' must be text, got {type(problem).__name__}")
     if not isinstance(answer, str):
@@ -252,7 +256,10 @@ def _normalise(row: Any, spec: HubSet, origin: str, n: int) -> Question:
         if len(text) > limit:
             raise ValueError(f"{where}: field '{name}' is {len(text):,} characters; the limit is "
                              f"{limit:,}")
-    return Question(str(rid), problem, answer.strip(), str(source))
+    extra = {k: v for k, v in row.items() if k not in used and k != "extra"}
+    if isinstance(row.get("extra"), dict):  # a Question written out as a row, read back
+        extra = {**row["extra"], **extra}
+    return Question(str(rid), problem, answer.strip(), str(source), extra)
 
 
 def _require(value: Any, name: str, where: str) -> None:
@@ -333,7 +340,7 @@ def clean_questions(questions: Iterable[Question]) -> tuple[list[Question], Clea
         report.prefix_stripped += stripped
         report.escapes_repaired += repaired + repaired_a
         report.control_chars_dropped += dropped + dropped_a
-        fixed.append(Question(q.id, problem, answer.strip(), q.source))
+        fixed.append(Question(q.id, problem, answer.strip(), q.source, q.extra))
     answers: dict[str, set[str]] = defaultdict(set)
     ids: dict[str, list[str]] = defaultdict(list)
     for q in fixed:

@@ -18,8 +18,8 @@ import torch
 from nftune.config import build_config
 from nftune.evaluate import EvalResult, evaluate_questions
 from nftune.policy import load_policy
-from nftune.tasks.arithmetic import make_questions
-from nftune.tasks.base_model import TEMPLATE, BaseSpec, cached_base_model
+from nftune.reward import Reward
+from nftune.tasks.base_model import TASKS, TEMPLATE, BaseSpec, cached_base_model, task_module
 from nftune.train import train
 from nftune.verify import Verifier
 
@@ -55,13 +55,24 @@ class DemoSettings:
             answers_per_prompt=self.answers_per_prompt, max_new_tokens=self.max_new_tokens,
             lr=self.lr, lr_schedule=self.lr_schedule, warmup_steps=self.warmup_steps,
             minibatches=self.minibatches,
-            gen_batch_size=256, eval_every=self.eval_every, eval_temperature=1.0)
+            gen_batch_size=256, eval_every=self.eval_every, eval_temperature=1.0,
+            # a 0.4 M-parameter model: recomputing activations would cost time and save nothing
+            gradient_checkpointing=False, reward=TASKS[self.base.task])
 
 
 QUICK = DemoSettings(
     base=BaseSpec(level=1, hidden=48, layers=2, sft_steps=200, train_problems=600, noise=0.2),
     train_questions=500, test_questions=48, eval_k=2, curve_questions=48, steps=4,
     prompts_per_step=16, answers_per_prompt=4, max_new_tokens=24, warmup_steps=1, eval_every=2)
+# Countdown (`--task countdown`): its base is built on first use (not shipped), so the warm-up
+# is shorter; answers are a few lines longer than arithmetic's
+COUNTDOWN = DemoSettings(
+    base=BaseSpec(task="countdown", level=2, sft_steps=800, train_problems=4000, noise=0.3),
+    train_questions=2000, test_questions=300, steps=60, max_new_tokens=40)
+SETTINGS = {("arithmetic", False): DemoSettings(), ("arithmetic", True): QUICK,
+            ("countdown", False): COUNTDOWN,
+            ("countdown", True): replace(QUICK, base=replace(QUICK.base, task="countdown"),
+                                         max_new_tokens=40)}
 
 
 def default_cache_dir() -> Path:
@@ -73,9 +84,9 @@ def default_cache_dir() -> Path:
 def write_splits(out: Path, settings: DemoSettings) -> tuple[list, list]:
     """The task's train and test splits as train.jsonl, test.jsonl and curve.jsonl (the first
     ``curve_questions`` of test) in ``out``; returns (train, test) questions."""
-    level = settings.base.level
-    train_qs = make_questions(settings.train_questions, "train", 0, level)
-    test_qs = make_questions(settings.test_questions, "test", 0, level)
+    level, task = settings.base.level, task_module(settings.base.task)
+    train_qs = task.make_questions(settings.train_questions, "train", 0, level)
+    test_qs = task.make_questions(settings.test_questions, "test", 0, level)
     out.mkdir(parents=True, exist_ok=True)
     for name, questions in (("train", train_qs), ("test", test_qs),
                             ("curve", test_qs[: settings.curve_questions])):
@@ -84,7 +95,7 @@ def write_splits(out: Path, settings: DemoSettings) -> tuple[list, list]:
     return train_qs, test_qs
 
 
-def _evaluate_both(model, tokenizer, questions, settings: DemoSettings, verifier: Verifier
+def _evaluate_both(model, tokenizer, questions, settings: DemoSettings, verifier: Reward
                    ) -> dict[str, EvalResult]:
     """Sampled (avg@eval_k, temperature 1) and greedy accuracy, sampled with a fixed seed."""
     common = dict(max_new_tokens=settings.max_new_tokens, template=TEMPLATE, verifier=verifier,
@@ -139,13 +150,17 @@ def plot_run(metrics: list[dict[str, Any]], out: Path, title: str) -> Path:
 def run_demo(algo: str = "nft", steps: int | None = None, quick: bool = False, seed: int = 0,
              output_dir: str = "runs/demo", cache_dir: str | None = None, rebuild: bool = False,
              level: int | None = None, progress: bool = True, base_seed: int | None = None,
-             overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run the whole demo; returns the numbers of the report. ``base_seed`` builds (or takes
-    from the cache) another base than the shipped one; ``overrides`` replaces settings fields
-    (for choosing settings, see benchmarks/demo_bases.py)."""
+             overrides: dict[str, Any] | None = None, task: str = "arithmetic"
+             ) -> dict[str, Any]:
+    """Run the whole demo; returns the numbers of the report. ``task``: arithmetic (graded by
+    the math verifier) or countdown (by its own checker, a reward function); ``base_seed``
+    builds (or takes from the cache) another base than the shipped one; ``overrides`` replaces
+    settings fields (for choosing settings, see benchmarks/demo_bases.py)."""
     from tqdm.auto import tqdm
 
-    settings = QUICK if quick else DemoSettings()
+    if task not in TASKS:
+        raise ValueError(f"task: unknown {task!r}; valid: {sorted(TASKS)}")
+    settings = SETTINGS[task, quick]
     base_changes = {k: v for k, v in (("level", level), ("seed", base_seed)) if v is not None}
     changes = {**(overrides or {}), **({"steps": steps} if steps is not None else {})}
     settings = replace(settings, **changes)
@@ -175,9 +190,10 @@ def run_demo(algo: str = "nft", steps: int | None = None, quick: bool = False, s
     _, test_qs = write_splits(out, settings)
 
     verifier = Verifier(workers=min(2, os.cpu_count() or 1), strategy="auto")
+    reward = Reward(verifier, TASKS[task], workers=verifier.workers)
     try:
         model, tokenizer = load_policy(str(base_dir), torch.device("cpu"))
-        before = _evaluate_both(model, tokenizer, test_qs, settings, verifier)
+        before = _evaluate_both(model, tokenizer, test_qs, settings, reward)
         del model
         print(f"base: held-out accuracy {before['sampled'].avg_at_k:.1%} sampled "
               f"(avg@{settings.eval_k}), {before['greedy'].avg_at_k:.1%} greedy")
@@ -197,15 +213,16 @@ def run_demo(algo: str = "nft", steps: int | None = None, quick: bool = False, s
         train_seconds = time.perf_counter() - train_started
 
         model, tokenizer = load_policy(str(final_dir), torch.device("cpu"))
-        after = _evaluate_both(model, tokenizer, test_qs, settings, verifier)
+        after = _evaluate_both(model, tokenizer, test_qs, settings, reward)
     finally:
+        reward.close()
         verifier.close()
 
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    plot = plot_run(metrics, out, f"nftune demo: {algo} on arithmetic level {level_}")
+    plot = plot_run(metrics, out, f"nftune demo: {algo} on {task} level {level_}")
     (out / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
     summary = {
-        "algo": algo, "seed": seed, "quick": quick, "level": level_,
+        "algo": algo, "seed": seed, "quick": quick, "task": task, "level": level_,
         "base_seed": settings.base.seed, "base_origin": origin,
         "base_built": origin == "built", "base_seconds": round(base_seconds, 1),
         "train_seconds": round(train_seconds, 1),
@@ -238,7 +255,7 @@ def write_report(path: Path, s: dict[str, Any], plot_name: str) -> None:
         for name in ("sampled", "greedy"))
     path.write_text(f"""# nftune demo report
 
-Algorithm **{s['algo']}**, seed {s['seed']}, arithmetic level {s['level']},
+Algorithm **{s['algo']}**, seed {s['seed']}, {s.get('task', 'arithmetic')} level {s['level']},
 {s['steps']} rollout steps{' (quick mode)' if s['quick'] else ''}.
 
 Held-out test split: {s['test_questions']} questions never seen in training.

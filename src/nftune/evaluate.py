@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from nftune.data import Question, format_prompt, load_questions, strategy_for
+from nftune.reward import Reward
 from nftune.rollout import GenerationEngine, HFEngine
 from nftune.verify import Verifier
 
@@ -41,7 +42,7 @@ class EvalResult:
 def evaluate_questions(model, tokenizer, questions: list[Question], *, name: str = "eval",
                        k: int = 1, temperature: float = 0.0, top_p: float = 1.0,
                        max_new_tokens: int = 256, template: str = "dapo",
-                       batch_size: int = 64, verifier: Verifier,
+                       batch_size: int = 64, verifier: Verifier | Reward,
                        engine: GenerationEngine | None = None) -> EvalResult:
     """Generate ``k`` answers per question (greedy when temperature is 0) with ``engine``
     (default: Hugging Face ``generate`` on ``model``) and grade them."""
@@ -74,7 +75,7 @@ def load_eval_sets(cfg) -> dict[str, list[Question]]:
 
 
 def evaluate_sets(engine: GenerationEngine, tokenizer, eval_sets: dict[str, list[Question]],
-                  verifier: Verifier, cfg) -> dict[str, float]:
+                  verifier: Verifier | Reward, cfg) -> dict[str, float]:
     """The held-out metrics of a training config (``eval/<set>/avg@k``, and ``pass@k`` when
     k > 1), as the trainer logs them."""
     out = {}
@@ -112,7 +113,7 @@ def benchmark_template(name: str, template: str | None) -> str:
 
 
 def grade_items(name: str, questions: list[Question], responses: list[list[str]],
-                verifier: Verifier, truncated: list[list[bool]] | None = None,
+                verifier: Verifier | Reward, truncated: list[list[bool]] | None = None,
                 strategy: str = "auto") -> EvalResult:
     """Grade ``responses[i]`` (k answers) against question i; the same k for every question.
     Truncated answers are wrong."""
@@ -124,7 +125,11 @@ def grade_items(name: str, questions: list[Question], responses: list[list[str]]
     flat = [r for rs in responses for r in rs]
     golds = [q.answer for q in questions for _ in range(k)]
     start = time.perf_counter()
-    verdicts = verifier.verify(flat, golds, strategy)
+    if isinstance(verifier, Reward):  # a run's reward: an answer is right when it scores 1
+        scores = verifier.score(flat, [q for q in questions for _ in range(k)])
+        verdicts = [v >= 1.0 for v in scores.values]
+    else:
+        verdicts = verifier.verify(flat, golds, strategy)
     verify_s = time.perf_counter() - start
     if truncated is not None:
         cut = [t for ts in truncated for t in ts]

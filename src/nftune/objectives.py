@@ -147,6 +147,9 @@ def nft_token_loss(
     (``CLIP_TOLERANCE``, relative), i.e. whose value the clip changed. Zero on groups with
     r̂ ∈ {0, 1}.
     """
+    if not 0.0 < eps <= 1.0:
+        raise ValueError(f"eps: {eps}: NFT's clip ε must lie in (0, 1] (above 1, max_v(·, ε) "
+                         "clips the on-policy ratio 1 and the loss at R = 1 is −ω·log ε, not 0)")
     keep = informative(r_hat)[:, None]
     r_hat_s = _safe_r_hat(r_hat)[:, None]
     omega = prompt_weight(weight, r_hat_s)
@@ -165,18 +168,22 @@ def nft_token_loss(
     return pos + neg, pos, neg, torch.where(keep, clipped, zero)
 
 
-def group_advantage(correct: Tensor, r_hat: Tensor, normalise_std: bool) -> Tensor:
-    """GRPO's group-normalised advantage for binary rewards, (B,).
+def group_advantage(correct: Tensor, r_hat: Tensor, normalise_std: bool,
+                    reward_std: Tensor | None = None) -> Tensor:
+    """GRPO's group-normalised advantage, (B,).
 
-        Â = (r − r̂) / sqrt(r̂ (1 − r̂))    (GRPO; population std of the K rewards, no epsilon)
-        Â =  r − r̂                       (Dr.GRPO, normalise_std=False)
+        Â = (r − r̂) / σ    (GRPO; σ the population std of the group's K rewards, no epsilon:
+                             sqrt(r̂ (1 − r̂)) for binary rewards, ``reward_std`` if given)
+        Â =  r − r̂         (Dr.GRPO, normalise_std=False)
 
-    Zero on groups with r̂ ∈ {0, 1}.
+    r̂ is the group's mean reward. Zero on groups with r̂ ∈ {0, 1} or σ = 0.
     """
     r_hat_s = _safe_r_hat(r_hat)
     adv = correct.to(r_hat.dtype) - r_hat_s
     if normalise_std:
-        adv = adv / torch.sqrt(r_hat_s * (1.0 - r_hat_s))
+        std = (torch.sqrt(r_hat_s * (1.0 - r_hat_s)) if reward_std is None
+               else reward_std.to(r_hat.dtype))
+        adv = torch.where(std > 0, adv / torch.where(std > 0, std, 1.0), 0.0)
     return torch.where(informative(r_hat), adv, torch.zeros_like(adv))
 
 
@@ -252,8 +259,8 @@ class ObjectiveInput:
     logprobs: Tensor  # (B, T) log π_θ, carries the gradient
     old_logprobs: Tensor  # (B, T) log π_old, recorded at rollout
     mask: Tensor  # (B, T) 1 on response tokens
-    correct: Tensor  # (B,) verifier outcome r ∈ {0, 1}
-    r_hat: Tensor  # (B,) accuracy of the answer's group
+    correct: Tensor  # (B,) reward r: the verifier's 0/1, or a value in [0, 1] (GRPO family)
+    r_hat: Tensor  # (B,) mean reward (accuracy) of the answer's group
     group_ids: Tensor | None = None  # (B,) which question each answer answers
     num_tokens: Tensor | float | None = None  # normaliser of token sums (default mask.sum())
     num_groups: int | None = None  # InfoNCA's G: groups with a correct answer
@@ -262,6 +269,7 @@ class ObjectiveInput:
     # (B, T) ≥ 0, no gradient: each token's loss is multiplied by it (truncated importance
     # sampling when the answers came from an engine other than π_old); token-mean objectives
     token_weights: Tensor | None = None
+    reward_std: Tensor | None = None  # (B,) population std of the group's rewards (GRPO)
     log_ratio: Tensor = field(init=False)  # (B, T) log R_t, exactly 0 off the response
 
 
@@ -285,6 +293,9 @@ class Objective:
     signal: Callable[[Tensor, Tensor], Tensor]
     # the loss is a token mean built with token_mean_loss: it applies x.token_weights
     token_level: bool = True
+    # rewards must be 0/1 (NFT's r splits answers into positive and negative); False: any
+    # reward in [0, 1] (the advantage-based objectives)
+    binary_reward: bool = True
 
 
 OBJECTIVES: dict[str, Objective] = {}
@@ -293,13 +304,14 @@ OBJECTIVES: dict[str, Objective] = {}
 def register_objective(name: str, *, dynamic_sampling: bool = True, whole_groups: bool = False,
                        overlong_shaping: bool = False, needs_group_ids: bool = False,
                        signal: Callable[[Tensor, Tensor], Tensor] | None = None,
-                       token_level: bool = True) -> Callable[[ObjectiveFn], ObjectiveFn]:
+                       token_level: bool = True, binary_reward: bool = True
+                       ) -> Callable[[ObjectiveFn], ObjectiveFn]:
     """Register ``loss(x: ObjectiveInput, *, hparam=default, ...)`` under ``name``; its
     keyword-only parameters are its hyper-parameters (config keys of the same name set them).
     ``signal(correct, r_hat)`` marks the answers that carry a learning signal (default: those
     of groups with 0 < r̂ < 1). ``token_level``: the loss is a token mean made with
-    :func:`token_mean_loss` (which applies ``x.token_weights``). A duplicate name is an
-    error."""
+    :func:`token_mean_loss` (which applies ``x.token_weights``). ``binary_reward``: rewards
+    must be 0/1 (else any value in [0, 1]). A duplicate name is an error."""
 
     def wrap(fn: ObjectiveFn) -> ObjectiveFn:
         if name in OBJECTIVES:
@@ -309,7 +321,7 @@ def register_objective(name: str, *, dynamic_sampling: bool = True, whole_groups
         OBJECTIVES[name] = Objective(
             name, fn, hparams, dynamic_sampling, whole_groups, overlong_shaping,
             needs_group_ids or whole_groups,
-            signal or (lambda correct, r_hat: informative(r_hat)), token_level)
+            signal or (lambda correct, r_hat: informative(r_hat)), token_level, binary_reward)
         return fn
 
     return wrap
@@ -388,14 +400,14 @@ def _pg_with_advantage(x: ObjectiveInput, adv: Tensor, clip_low: float, clip_hig
     return token_mean_loss(parts, x, clipped)
 
 
-@register_objective("grpo", dynamic_sampling=False)
+@register_objective("grpo", dynamic_sampling=False, binary_reward=False)
 def grpo(x: ObjectiveInput, *, clip_low: float = 0.2, clip_high: float = 0.28):
     """GRPO (Eq. 3) with DAPO's clip-higher and token-level loss, Â = (r − r̂)/std."""
-    adv = group_advantage(x.correct, x.r_hat, normalise_std=True)
+    adv = group_advantage(x.correct, x.r_hat, normalise_std=True, reward_std=x.reward_std)
     return _pg_with_advantage(x, adv, clip_low, clip_high)
 
 
-@register_objective("dr_grpo", dynamic_sampling=False)
+@register_objective("dr_grpo", dynamic_sampling=False, binary_reward=False)
 def dr_grpo(x: ObjectiveInput, *, clip_low: float = 0.2, clip_high: float = 0.28):
     """Dr.GRPO: GRPO without the std division, Â = r − r̂."""
     adv = group_advantage(x.correct, x.r_hat, normalise_std=False)
@@ -411,7 +423,7 @@ def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer_fraction
     return ((start - lengths.float()) / cache).clamp(min=-1.0, max=0.0)
 
 
-@register_objective("dapo", overlong_shaping=True)
+@register_objective("dapo", overlong_shaping=True, binary_reward=False)
 def dapo(x: ObjectiveInput, *, clip_low: float = 0.2, clip_high: float = 0.28):
     """DAPO's per-token objective is GRPO's (Eq. 3, clip-higher, token-mean).
 
@@ -422,7 +434,7 @@ def dapo(x: ObjectiveInput, *, clip_low: float = 0.2, clip_high: float = 0.28):
     length counts against correctness, so it is DAPO's.
     """
     if x.overlong_penalty is None:
-        adv = group_advantage(x.correct, x.r_hat, normalise_std=True)
+        adv = group_advantage(x.correct, x.r_hat, normalise_std=True, reward_std=x.reward_std)
     else:
         if x.group_ids is None:
             raise ValueError("group_ids: required by 'dapo' with overlong_penalty")
@@ -472,9 +484,9 @@ def _check_inputs(x: ObjectiveInput, objective: Objective) -> None:
     if x.group_ids is None and objective.needs_group_ids:
         raise ValueError(f"group_ids: required by {objective.name!r} (which question each "
                          "answer belongs to)")
-    for name in ("correct", "r_hat", "group_ids", "overlong_penalty"):
+    for name in ("correct", "r_hat", "group_ids", "overlong_penalty", "reward_std"):
         t = getattr(x, name)
-        if t is None and name in ("group_ids", "overlong_penalty"):
+        if t is None and name in ("group_ids", "overlong_penalty", "reward_std"):
             continue
         if not isinstance(t, Tensor) or tuple(t.shape) != shape[:1]:
             raise ValueError(f"{name}: expected shape ({shape[0]},), got {_describe(t)}")
@@ -487,7 +499,10 @@ def _check_inputs(x: ObjectiveInput, objective: Objective) -> None:
         (((r_hat < 0) | (r_hat > 1)).any(),
          lambda: f"r_hat: values must lie in [0, 1], got min {r_hat.min().item():g} "
                  f"max {r_hat.max().item():g}"),
-        (~((correct == 0) | (correct == 1)).all(), lambda: "correct: values must be 0/1 or bool"),
+        (~((correct == 0) | (correct == 1)).all() if objective.binary_reward
+         else ((correct < 0) | (correct > 1)).any(),
+         lambda: "correct: values must be 0/1 or bool" if objective.binary_reward
+         else "correct: rewards must lie in [0, 1]"),
         (~((mask == 0) | (mask == 1)).all(), lambda: "mask: values must be 0/1 or bool"),
     ]
     if x.num_tokens is not None:
@@ -517,6 +532,7 @@ def compute_loss(
     num_sft_tokens: float | Tensor | None = None,
     overlong_penalty: Tensor | None = None,
     token_weights: Tensor | None = None,
+    reward_std: Tensor | None = None,
     **hparams: Any,
 ) -> tuple[Tensor, Metrics]:
     """The loss of objective ``algo`` on one (micro-)batch, and float diagnostics.
@@ -524,7 +540,7 @@ def compute_loss(
     Args:
         algo: a name in ``OBJECTIVES``: "nft", "rft", "grpo", "dr_grpo", "dapo", "infonca".
         logprobs, old_logprobs, mask, correct, r_hat, group_ids, num_tokens, num_groups,
-            num_sft_tokens, overlong_penalty, token_weights: the fields of
+            num_sft_tokens, overlong_penalty, token_weights, reward_std: the fields of
             :class:`ObjectiveInput`.
         **hparams: the objective's hyper-parameters (``OBJECTIVES[algo].hparams``; the rest
             keep their defaults), e.g. eps and weight for NFT.
@@ -536,7 +552,7 @@ def compute_loss(
     """
     objective = get_objective(algo)
     x = ObjectiveInput(logprobs, old_logprobs, mask, correct, r_hat, group_ids, num_tokens,
-                       num_groups, num_sft_tokens, overlong_penalty, token_weights)
+                       num_groups, num_sft_tokens, overlong_penalty, token_weights, reward_std)
     _check_inputs(x, objective)
     if token_weights is not None and not objective.token_level:
         raise ValueError(f"token_weights: {algo!r} is not a token-mean objective")

@@ -13,6 +13,7 @@ both registered in ``ENGINES``; each hands its tokens to :func:`assemble_rollout
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Protocol
@@ -35,8 +36,9 @@ class Rollout:
     old_logprobs: Tensor | None = None  # (B, R) log π_old of each response token
     entropy: Tensor | None = None  # (B, R) entropy of π_old at each response position
     engine_logprobs: Tensor | None = None  # (B, R) the engine's own log-probs (vLLM)
-    correct: Tensor | None = None  # (B,) verifier outcome, float 0/1
-    r_hat: Tensor | None = None  # (B,) accuracy of the answer's group
+    correct: Tensor | None = None  # (B,) reward: the verifier's 0/1, or a value in [0, 1]
+    r_hat: Tensor | None = None  # (B,) mean reward (accuracy) of the answer's group
+    r_std: Tensor | None = None  # (B,) population std of the group's rewards
     penalty: Tensor | None = None  # (B,) reward shaping added to r (DAPO's overlong penalty)
 
     def __len__(self) -> int:
@@ -121,6 +123,33 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
     return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Token ids of each prompt, with the tokenizer's BOS in front where it has one and the
+    text does not already start with it (a chat template writes its own; Qwen has none)."""
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    bos, bos_text = tokenizer.bos_token_id, tokenizer.bos_token
+    if bos is None or not bos_text:
+        return encoded
+    return [ids if text.startswith(bos_text) else [bos, *ids]
+            for text, ids in zip(prompts, encoded, strict=True)]
+
+
+def answer_budget(prompt_tokens: int, max_new_tokens: int, context: int | None) -> int:
+    """``max_new_tokens``, cut so that prompt and answer fit the model's ``context`` positions
+    (its ``max_position_embeddings``; None: no limit known). Cutting is said once per size;
+    a prompt that leaves no room is an error."""
+    if context is None or prompt_tokens + max_new_tokens <= context:
+        return max_new_tokens
+    budget = context - prompt_tokens
+    if budget < 1:
+        raise ValueError(f"max_new_tokens: a {prompt_tokens}-token prompt leaves no room for an "
+                         f"answer in the model's {context} positions")
+    warnings.warn(f"max_new_tokens {max_new_tokens}: the model has {context} positions; an "
+                  "answer is cut where prompt and answer fill them (and counts as truncated)",
+                  stacklevel=2)
+    return budget
+
+
 def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
         tokenizer.eos_token_id
@@ -182,7 +211,8 @@ def generate_rollout(model, tokenizer, prompts: list[str], k: int, *, max_new_to
     device = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
     stop_ids = stop_token_ids(tokenizer, model.generation_config)
-    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    context = getattr(model.config, "max_position_embeddings", None)
+    encoded = encode_prompts(tokenizer, prompts)
     rows = [encoded[i] for i in range(len(prompts)) for _ in range(k)]
     chunks, chunk_logprobs = [], []
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
@@ -196,7 +226,8 @@ def generate_rollout(model, tokenizer, prompts: list[str], k: int, *, max_new_to
         attn = torch.tensor([[0] * (p - len(r)) + [1] * len(r) for r in part], device=device)
         recorder = LogprobRecorder(temperature) if record_logprobs else None
         sequences = model.generate(
-            input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
+            input_ids=ids, attention_mask=attn,
+            max_new_tokens=answer_budget(p, max_new_tokens, context),
             eos_token_id=stop_ids, pad_token_id=pad_id, return_dict_in_generate=True,
             logits_processor=LogitsProcessorList([recorder]) if recorder else None,
             **sampling).sequences
@@ -248,7 +279,7 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         group_ids=torch.cat(group_ids), texts=[t for r in parts for t in r.texts],
         old_logprobs=cat("old_logprobs", True), entropy=cat("entropy", True),
         engine_logprobs=cat("engine_logprobs", True),
-        correct=cat("correct", False), r_hat=cat("r_hat", False),
+        correct=cat("correct", False), r_hat=cat("r_hat", False), r_std=cat("r_std", False),
         penalty=cat("penalty", False))
 
 
@@ -363,6 +394,7 @@ class VLLMEngine:
                        enable_sleep_mode=sleep, max_model_len=max_model_len,
                        logprobs_mode="processed_logprobs",
                        load_format="auto" if model is None else "dummy")
+        self.context = self.llm.llm_engine.model_config.max_model_len
         self.asleep, self.stale, self.weight_pushes = False, False, 0
         if model is not None:  # the trainer's weights, whatever the directory holds
             self._push_weights()
@@ -388,15 +420,16 @@ class VLLMEngine:
             self.asleep = False
         if self.stale:
             self._push_weights()
-        encoded = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        encoded = encode_prompts(self.tokenizer, prompts)
         seed = int(torch.randint(0, 2**31 - 1 - len(prompts) * k, ()).item())
         greedy = temperature <= 0
         # one seed per answer: vLLM seeds the j-th of n answers with seed + j
         params = [SamplingParams(
             n=k, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
-            top_k=0 if greedy else top_k, max_tokens=max_new_tokens, seed=seed + i * k,
+            top_k=0 if greedy else top_k, seed=seed + i * k,
+            max_tokens=answer_budget(len(ids), max_new_tokens, self.context),
             logprobs=0, detokenize=False, stop_token_ids=self.stop_ids)
-            for i in range(len(prompts))]
+            for i, ids in enumerate(encoded)]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded],
                                     params, use_tqdm=False)
         answers = [c for out in outputs for c in out.outputs]

@@ -37,7 +37,7 @@ from nftune.checkpoint import (
 from nftune.config import TrainConfig
 from nftune.data import PromptSampler, Question, format_prompt, load_questions, strategy_for
 from nftune.evaluate import evaluate_sets, load_eval_sets
-from nftune.objectives import informative, overlong_penalty
+from nftune.objectives import get_objective, overlong_penalty
 from nftune.policy import (
     build_policy,
     make_optimizer,
@@ -45,6 +45,7 @@ from nftune.policy import (
     pick_device,
     precision,
 )
+from nftune.reward import Reward, RewardError, check_values
 from nftune.rollout import (
     ENGINES,
     GenerationEngine,
@@ -76,23 +77,29 @@ class RolloutStats:
     time_verify_s: float
     time_old_logprobs_s: float
     generated_tokens: int
+    reward_errors: int = 0  # calls of a reward function that raised or killed its worker
+    reward_timeouts: int = 0  # calls that overran verify_timeout_s
     # |log π_old − log π_engine| per response token, when the engine reports its own log-probs
     engine_logprob_diff_mean: float | None = None
     engine_logprob_diff_max: float | None = None
 
 
 def collect_rollout(model, tokenizer, questions: list[Question], sampler: PromptSampler,
-                    verifier: Verifier, cfg: TrainConfig, engine: GenerationEngine | None = None
+                    reward: Reward | Verifier, cfg: TrainConfig,
+                    engine: GenerationEngine | None = None
                     ) -> tuple[Rollout | None, RolloutStats]:
     """Generate K answers for fresh questions (with ``engine``, default Hugging Face
-    ``generate`` on ``model``), verify them, keep the informative groups."""
+    ``generate`` on ``model``), score them (``reward``, or a math ``Verifier`` alone), keep
+    the groups whose answers' rewards differ."""
     engine = engine or HFEngine(model, tokenizer, cfg.gen_batch_size)
+    reward = reward if isinstance(reward, Reward) else Reward(reward)
+    binary = get_objective(cfg.algo).binary_reward
     k = cfg.answers_per_prompt
     kept: list[Rollout] = []
     kept_questions = 0
     rewards, lengths, truncated = [], [], []
     time_gen = time_ver = 0.0
-    groups_seen = 0
+    groups_seen = errors = timeouts = 0
     rounds = cfg.max_gen_batches if cfg.dynamic_sampling else 1
     for round_ in range(rounds):
         count = cfg.prompts_per_step
@@ -108,12 +115,22 @@ def collect_rollout(model, tokenizer, questions: list[Question], sampler: Prompt
             top_p=cfg.top_p, top_k=cfg.top_k, record_logprobs=cfg.old_logprobs == "generate")
         time_gen += time.perf_counter() - start
         start = time.perf_counter()
-        verdicts = verifier.verify(rollout.texts, [q.answer for q in batch for _ in range(k)])
+        scores = reward.score(rollout.texts, [q for q in batch for _ in range(k)])
         time_ver += time.perf_counter() - start
-        correct = torch.tensor(verdicts, dtype=torch.float32, device=rollout.input_ids.device)
+        errors, timeouts = errors + scores.errors, timeouts + scores.timeouts
+        if scores.errors + scores.timeouts == len(scores.values):
+            raise RewardError(f"reward {reward.spec}: failed on every answer of a round "
+                              f"({scores.errors} errors, {scores.timeouts} timeouts of "
+                              f"{cfg.verify_timeout_s} s); the first error:\n"
+                              f"{scores.first_error or '(timeouts only)'}")
+        check_values(scores.values, binary, reward.spec, cfg.algo)
+        correct = torch.tensor(scores.values, dtype=torch.float32,
+                               device=rollout.input_ids.device)
         correct = correct * (~rollout.truncated).float()  # truncated answers count as wrong
         rollout.correct = correct
-        rollout.r_hat = correct.view(-1, k).mean(1).repeat_interleave(k)
+        groups = correct.view(-1, k)
+        rollout.r_hat = groups.mean(1).repeat_interleave(k)
+        rollout.r_std = groups.std(1, correction=0).repeat_interleave(k)
         if cfg.overlong_shaping:
             rollout.penalty = overlong_penalty(rollout.response_lengths, cfg.max_new_tokens,
                                                cfg.overlong_buffer)
@@ -121,8 +138,8 @@ def collect_rollout(model, tokenizer, questions: list[Question], sampler: Prompt
         lengths.append(rollout.response_lengths.float().cpu())
         truncated.append(rollout.truncated.float().cpu())
         groups_seen += len(batch)
-        if cfg.dynamic_sampling:
-            keep = informative(rollout.r_hat)
+        if cfg.dynamic_sampling:  # groups whose rewards differ (0 < r̂ < 1 when binary)
+            keep = (groups.amax(1) > groups.amin(1)).repeat_interleave(k)
             if keep.any():
                 rows = torch.nonzero(keep).flatten()
                 kept.append(rollout.select(rows))
@@ -139,7 +156,8 @@ def collect_rollout(model, tokenizer, questions: list[Question], sampler: Prompt
         response_length=lengths_t.mean().item(),
         truncated_fraction=torch.cat(truncated).mean().item(), gen_batches=round_ + 1,
         time_generate_s=time_gen, time_verify_s=time_ver, time_old_logprobs_s=0.0,
-        generated_tokens=int(lengths_t.sum().item()))
+        generated_tokens=int(lengths_t.sum().item()), reward_errors=errors,
+        reward_timeouts=timeouts)
     if not kept:
         return None, stats
     batch_rollout = concat_rollouts(kept, pad_token_id(tokenizer))  # also renumbers groups 0..G-1
@@ -245,6 +263,9 @@ class Trainer:
         self.verifier = self._cleanup.enter_context(
             Verifier(cfg.verify_workers, cfg.verify_timeout_s, strategy=strategy_for(cfg.template)))
         self.verifier.start_in_background()  # its warm-up overlaps loading the model and data
+        self.reward = self._cleanup.enter_context(
+            Reward(self.verifier, cfg.reward, cfg.verify_workers, cfg.verify_timeout_s))
+        self.reward.start_in_background()
         try:
             self.model, self.tokenizer = build_policy(cfg, device, checkpoint)
         except Exception as err:  # noqa: BLE001 — whatever the file holds, name the checkpoint
@@ -279,9 +300,11 @@ class Trainer:
         step_started = time.perf_counter()
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # sampling depends on (seed, step)
         batch, stats = collect_rollout(self.model, self.tokenizer, self.questions.questions,
-                                       self.sampler, self.verifier, cfg, self.engine)
+                                       self.sampler, self.reward, cfg, self.engine)
         row: dict[str, Any] = {"step": step, **{k: v for k, v in vars(stats).items()
                                                  if v is not None}}
+        for name in ("errors", "timeouts"):
+            row[f"reward/{name}"] = row.pop(f"reward_{name}")
         start = time.perf_counter()
         if batch is None:
             log.warning("step %d: no question with 0 < r̂ < 1 in %d generated answers; "
@@ -303,7 +326,7 @@ class Trainer:
                        + stats.time_verify_s + time_update))
         if self.eval_sets and (step % cfg.eval_every == 0 or step == cfg.steps):
             row.update(evaluate_sets(self.engine, self.tokenizer, self.eval_sets,
-                                     self.verifier, cfg))
+                                     self.reward, cfg))
         row["time_step_s"] = time.perf_counter() - step_started
         self.metrics_log.write(row)
         self.step_done = step

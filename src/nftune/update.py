@@ -208,11 +208,11 @@ def response_logprobs(model, input_ids: Tensor, attention_mask: Tensor, prompt_l
     targets = input_ids[:, prompt_len:]
     if LOGPROBS_FROM_HIDDEN_STATES and logits_from_hidden_states(model):
         hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                     position_ids=position_ids).last_hidden_state
+                                     position_ids=position_ids, use_cache=False).last_hidden_state
         return head_logprobs(hidden[:, prompt_len - 1:-1], model.get_output_embeddings().weight,
                              targets, with_entropy, temperature)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=width + 1).logits[:, :-1]
+                   logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
     return token_logprobs(logits, targets, with_entropy, temperature)
 
 
@@ -324,7 +324,8 @@ def update_policy(model, optimizer, scheduler, batch: Rollout, cfg: TrainConfig,
                 piece.r_hat, piece.group_ids, num_tokens, num_groups=num_groups,
                 num_sft_tokens=num_sft_tokens,
                 overlong_penalty=piece.penalty if cfg.overlong_shaping else None,
-                token_weights=truncated_is_weights(piece, cfg.tis_cap), **hparams)
+                token_weights=truncated_is_weights(piece, cfg.tis_cap), reward_std=piece.r_std,
+                **hparams)
             if not torch.isfinite(loss):
                 finite = False
                 break

@@ -24,7 +24,8 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
@@ -217,22 +218,23 @@ class _Worker:
     nothing, and runs in its own session so that a terminal's Ctrl-C does not reach it.
     """
 
-    def __init__(self, memory_mb: int):
+    def __init__(self, memory_mb: int, function: str | None = None):
         env = dict(os.environ)
         package_root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH"))
                                             if p)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nftune._verify_worker", str(memory_mb)],
+            [sys.executable, "-m", "nftune._verify_worker", str(memory_mb)]
+            + ([function] if function else []),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True)
         self.fd = self.proc.stdout.fileno()
         os.set_blocking(self.fd, False)
         self.buffer = b""
         self.ready = False
-        self.pending: list[tuple[int, str, str]] = []
+        self.pending: list[tuple] = []
         self.last_progress = time.monotonic()
 
-    def send(self, chunk: list[tuple[int, str, str]], timeout_s: float) -> None:
+    def send(self, chunk: list[tuple], timeout_s: float) -> None:
         self.pending = list(chunk)
         self.last_progress = time.monotonic()
         line = json.dumps({"timeout_s": timeout_s, "items": chunk}) + "\n"
@@ -240,8 +242,9 @@ class _Worker:
         self.proc.stdin.flush()
 
     def receive(self) -> list | None:
-        """The messages that have arrived (``{"ready": true}`` or ``[index, verdict]``); None
-        once the worker has died or written something that is not the protocol."""
+        """The messages that have arrived (``{"ready": true}``, ``[index, verdict]`` or
+        ``[index, null, error]``); None once the worker has died or written something that
+        is not the protocol."""
         try:
             data = os.read(self.fd, 1 << 16)
         except BlockingIOError:
@@ -285,6 +288,17 @@ class _Worker:
         self.kill()
 
 
+@dataclass
+class Scores:
+    """What a reward function gave a batch: one value per answer (0 where it failed), and
+    how many calls raised, timed out or killed their worker."""
+
+    values: list[float]
+    errors: int = 0
+    timeouts: int = 0
+    first_error: str | None = None
+
+
 class Verifier:
     """A pool of verifier processes that survives its workers' deaths.
 
@@ -294,10 +308,14 @@ class Verifier:
         timeout_s: time limit per item; an item over it is False and its worker is replaced.
         memory_mb: address-space limit per worker.
         strategy: answer extraction, see :func:`extract_answer`.
+        function: a reward function's spec (``module:function``, ``file.py:function``, several
+            with weights: see :mod:`nftune.reward`) that the workers run, through
+            :meth:`score`, instead of the math verifier.
     """
 
     def __init__(self, workers: int | None = None, timeout_s: float = 5.0,
-                 memory_mb: int = 4096, strategy: str = "auto", chunk_size: int = 32):
+                 memory_mb: int = 4096, strategy: str = "auto", chunk_size: int = 32,
+                 function: str | None = None):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy: unknown {strategy!r}; valid: {list(STRATEGIES)}")
         self.workers = _worker_count(workers)
@@ -305,10 +323,12 @@ class Verifier:
         self.memory_mb = memory_mb
         self.strategy = strategy
         self.chunk_size = chunk_size
+        self.function = function
         self.restarts = 0
         self._pool: list[_Worker] = []
         self._lock = threading.RLock()
         self._failed_starts = 0
+        self._given_up: list[tuple[int, bool]] = []  # (item, timed out) of the current call
 
     def start_in_background(self) -> None:
         """Start the worker processes now: their math-verify warm-up (seconds on a cold
@@ -321,10 +341,10 @@ class Verifier:
         for i, worker in enumerate(self._pool):
             if not worker.alive():
                 worker.kill()
-                self._pool[i] = _Worker(self.memory_mb)
+                self._pool[i] = _Worker(self.memory_mb, self.function)
                 self.restarts += 1
         while len(self._pool) < self.workers:
-            self._pool.append(_Worker(self.memory_mb))
+            self._pool.append(_Worker(self.memory_mb, self.function))
 
     def close(self) -> None:
         with self._lock:
@@ -342,6 +362,8 @@ class Verifier:
                strategy: str | None = None, timeout_s: float | None = None) -> list[bool]:
         """One verdict per (response, gold) pair; ``strategy`` and ``timeout_s`` override the
         pool's for this call."""
+        if self.function:
+            raise ValueError("Verifier.verify: this pool runs a reward function; use score()")
         strategy = strategy or self.strategy
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         if len(responses) != len(golds):
@@ -366,16 +388,47 @@ class Verifier:
                     verdicts[i] = math_verify_check(pred, gold, timeout_s)
             else:
                 with self._lock:
-                    self._run_pool(slow, verdicts, timeout_s)
+                    self._run_pool(slow, timeout_s,
+                                   lambda i, msg: verdicts.__setitem__(i, msg[1] is True))
         return verdicts
 
-    def _run_pool(self, items: list[tuple[int, str, str]], verdicts: list[bool],
-                  timeout_s: float) -> None:
+    def score(self, responses: Sequence[str], rows: Sequence[dict]) -> Scores:
+        """The pool's reward function on each (response, row) pair, one call per answer in a
+        worker process: a call that raises, returns something other than a number, overruns
+        ``timeout_s`` or kills its worker scores 0 and is counted."""
+        if not self.function:
+            raise ValueError("Verifier.score: no reward function; use verify()")
+        if len(responses) != len(rows):
+            raise ValueError(f"rows: {len(rows)} rows for {len(responses)} responses")
+        scores = Scores([0.0] * len(responses))
+
+        def record(index: int, message: list) -> None:
+            if len(message) > 2:  # [index, null, error]
+                scores.errors += 1
+                scores.first_error = scores.first_error or message[2]
+            else:
+                scores.values[index] = float(message[1])
+
+        items = [(i, r, row) for i, (r, row) in enumerate(zip(responses, rows, strict=True))]
+        with self._lock:
+            self._run_pool(items, self.timeout_s, record)
+            for _, timed_out in self._given_up:
+                if timed_out:
+                    scores.timeouts += 1
+                else:
+                    scores.errors += 1
+                    scores.first_error = scores.first_error or "the call killed its worker " \
+                        "process twice (out of memory, or a crash in native code)"
+        return scores
+
+    def _run_pool(self, items: list[tuple], timeout_s: float,
+                  on_result: Callable[[int, list], None]) -> None:
         self._fill_pool()
         size = max(1, min(self.chunk_size, -(-len(items) // (8 * len(self._pool)))))
         queue = deque(items[i: i + size] for i in range(0, len(items), size))
         busy: dict[int, _Worker] = {}
         deaths: dict[int, int] = {}  # item index → worker deaths while it was being checked
+        self._given_up = []
         finished = False
         try:
             for worker in list(self._pool):
@@ -393,8 +446,8 @@ class Verifier:
                         if isinstance(message, dict):  # {"ready": true}: the clock starts now
                             worker.ready, self._failed_starts = True, 0
                         else:
-                            index, verdict = message
-                            verdicts[index] = verdict is True
+                            index = message[0]
+                            on_result(index, message)
                             worker.pending = [p for p in worker.pending if p[0] != index]
                         worker.last_progress = now
                     if worker.ready and not worker.pending:
@@ -446,10 +499,11 @@ class Verifier:
             head = rest[0][0]
             deaths[head] = deaths.get(head, 0) + 1
             if timed_out or deaths[head] >= 2:
+                self._given_up.append((head, timed_out))
                 rest = rest[1:]
         if rest:
             queue.appendleft(rest)
-        fresh = _Worker(self.memory_mb)
+        fresh = _Worker(self.memory_mb, self.function)
         self._pool[self._pool.index(worker)] = fresh
         self._dispatch(fresh, queue, busy, deaths, timeout_s)
 

@@ -12,6 +12,7 @@ spec and of the code that builds them.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import random
 import shutil
@@ -22,12 +23,20 @@ from pathlib import Path
 import torch
 
 from nftune.data import format_prompt
-from nftune.tasks.arithmetic import make_problems
 from nftune.tasks.tiny_model import char_tokenizer, save_model_dir, tiny_qwen2
 
 TEMPLATE = "raw"  # the prompt is the expression itself; the solution starts on the next line
 SHIPPED_DIR = Path(__file__).with_name("demo_base")
 INFO_FILE = "nftune_base.json"
+# the demo's tasks (modules of nftune.tasks with make_problems / make_questions) → their reward
+TASKS = {"arithmetic": "math", "countdown": "countdown"}
+
+
+def task_module(task: str):
+    """The module of one of the demo's tasks."""
+    if task not in TASKS:
+        raise ValueError(f"task: unknown {task!r}; valid: {sorted(TASKS)}")
+    return importlib.import_module(f"nftune.tasks.{task}")
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,7 @@ class BaseSpec:
     sft_steps: int = 2400
     batch_size: int = 64
     lr: float = 3e-3
+    task: str = "arithmetic"
 
     def key(self) -> str:
         return "-".join(f"{k}{v}" for k, v in asdict(self).items()).replace(".", "p")
@@ -62,7 +72,8 @@ def build_base_model(path: str | Path, spec: BaseSpec = BaseSpec(), progress=Non
     tokenizer = char_tokenizer()
     model = tiny_qwen2(tokenizer, hidden=spec.hidden, layers=spec.layers, heads=spec.heads,
                        kv_heads=max(1, spec.heads // 2), seed=spec.seed)
-    problems = make_problems(spec.train_problems, "train", spec.seed, spec.level)
+    problems = task_module(spec.task).make_problems(spec.train_problems, "train", spec.seed,
+                                                    spec.level)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=spec.lr,
                                                    total_steps=spec.sft_steps, pct_start=0.1)
@@ -95,18 +106,18 @@ def build_base_model(path: str | Path, spec: BaseSpec = BaseSpec(), progress=Non
     save_model_dir(model, tokenizer, tmp)
     (tmp / INFO_FILE).write_text(json.dumps(
         {"spec": asdict(spec), "sft_seconds": round(time.perf_counter() - start, 1),
-         "code": _code_hash(), "sha256": _file_hashes(tmp)}, indent=2))
+         "code": _code_hash(spec.task), "sha256": _file_hashes(tmp)}, indent=2))
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)
     return path
 
 
-def _code_hash() -> str:
+def _code_hash(task: str = "arithmetic") -> str:
     """Hash of the code that builds a base: a cached base is rebuilt when it changes."""
     here = Path(__file__).parent
     digest = hashlib.sha256()
-    for name in ("base_model.py", "arithmetic.py", "tiny_model.py"):
+    for name in dict.fromkeys(("base_model.py", "arithmetic.py", f"{task}.py", "tiny_model.py")):
         digest.update((here / name).read_bytes())
     return digest.hexdigest()[:10]
 
@@ -146,7 +157,7 @@ def cached_base_model(cache_dir: str | Path, spec: BaseSpec = BaseSpec(), rebuil
     if not rebuild and (SHIPPED_DIR / INFO_FILE).exists() and shipped_spec() == spec:
         check_base_dir(SHIPPED_DIR)
         return SHIPPED_DIR, "shipped"
-    path = Path(cache_dir) / f"{spec.key()}-code{_code_hash()}"
+    path = Path(cache_dir) / f"{spec.key()}-code{_code_hash(spec.task)}"
     if path.exists() and (path / INFO_FILE).exists() and not rebuild:
         check_base_dir(path)
         return path, "cached"
