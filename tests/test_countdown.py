@@ -78,3 +78,39 @@ def test_every_generated_solution_is_right_by_the_checker_and_splits_do_not_over
         assert value == p.target
         assert countdown_reward([solution], [{"numbers": list(p.numbers),
                                               "target": p.target}]) == [1.0]
+
+
+def test_the_named_reward_grades_the_tasks_questions_in_worker_processes():
+    """`reward: countdown` through the worker pool: the questions' extra fields (numbers,
+    target) travel to the workers; each generated solution scores 1, a wrong one 0."""
+    from nftune.reward import Reward
+
+    questions = make_questions(20, "test", 0, 2)
+    from nftune.tasks.countdown import make_problems
+
+    solutions = [p.solution()[0] for p in make_problems(20, "test", 0, 2)]
+    with Reward(spec="countdown", workers=1) as reward:
+        scores = reward.score(solutions + ["Answer: 1+1"], questions + questions[:1])
+    assert scores.values == [1.0] * 20 + [0.0]
+    assert (scores.errors, scores.timeouts) == (0, 0)
+
+
+def test_countdown_demo_end_to_end_quick(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo"
+    done = subprocess.run([sys.executable, "-m", "nftune.cli", "demo", "--task", "countdown",
+                           "--quick", "--output-dir", str(out), "--cache-dir",
+                           str(tmp_path / "cache"), "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "countdown" and summary["settings"]["base"]["task"] == "countdown"
+    assert "reward: countdown" in (out / "run" / "config.yaml").read_text()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["reward/errors"] == 0 and r["reward/timeouts"] == 0 for r in rows)
+    test = [json.loads(line) for line in (out / "test.jsonl").read_text().splitlines()]
+    assert all({"numbers", "target"} <= set(row["extra"]) for row in test)
+    assert "countdown level" in (out / "report.md").read_text()

@@ -63,10 +63,9 @@ def _argv(command: str) -> list[str]:
 
 @pytest.mark.parametrize("page,command", COMMANDS, ids=[f"{p}:{c[:60]}" for p, c in COMMANDS])
 def test_documented_command_parses(page, command, monkeypatch, tmp_path):
+    from nftune import objectives
     from nftune.cli import build_parser
     from nftune.config import build_config, parse_overrides
-
-    from nftune import objectives
 
     # a page's example may register an objective: only for this test
     monkeypatch.setattr(objectives, "OBJECTIVES", dict(objectives.OBJECTIVES))
@@ -97,7 +96,11 @@ def test_documented_command_parses(page, command, monkeypatch, tmp_path):
     overrides.setdefault("train_data", "d")
     if overrides.get("rollout_engine") == "vllm":
         pytest.importorskip("vllm")
-    build_config(None, overrides)  # every key exists, every value has its type, combos valid
+    cfg = build_config(None, overrides)  # every key exists, every value has its type, combos
+    if cfg.reward != "math":  # a reward function the page names imports and exists
+        from nftune.reward import Reward
+
+        Reward(verifier=object(), spec=cfg.reward).close()
 
 
 @pytest.mark.parametrize("sub", ["objectives", "demo", "compare", "eval", "train", "data",

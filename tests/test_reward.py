@@ -160,3 +160,12 @@ def test_grpo_advantage_of_real_valued_rewards_by_hand():
     rh = torch.full((4,), 0.25, dtype=torch.float64)
     assert torch.allclose(group_advantage(b, rh, True), group_advantage(b, rh, True,
                                                                         b.std(correction=0)))
+
+
+def test_the_math_verifier_is_itself_a_reward_function():
+    from nftune.reward import math_reward
+
+    rows = [{"answer": "0.5", "strategy": "boxed"}, {"answer": "0.5", "strategy": "boxed"},
+            {"answer": "4", "strategy": "answer_line"}]
+    assert math_reward(["so \\boxed{\\frac{1}{2}}", "so \\boxed{2}", "x\nAnswer: 4"],
+                       rows) == [1.0, 0.0, 1.0]
