@@ -261,7 +261,7 @@ def main() -> None:
                   flush=True)
         trl = results.get("trl", {}).get("peak_gb")
         if trl:
-            print("ratios to TRL's peak (its defaults: gradient checkpointing on):")
+            print("ratios to TRL's peak (float32, its default gradient checkpointing on):")
             for name, r in results.items():
                 print(f"  {name:11s} {r['peak_gb'] / trl:.2f}×")
         vocab_bytes = args.rows * args.tokens * 151936 * 4 / 2**30
