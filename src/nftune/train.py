@@ -118,7 +118,7 @@ def collect_rollout(model, tokenizer, questions: list[Question], sampler: Prompt
         scores = reward.score(rollout.texts, [q for q in batch for _ in range(k)])
         time_ver += time.perf_counter() - start
         errors, timeouts = errors + scores.errors, timeouts + scores.timeouts
-        if scores.errors + scores.timeouts == len(scores.values):
+        if scores.values and scores.errors + scores.timeouts == len(scores.values):
             raise RewardError(f"reward {reward.spec}: failed on every answer of a round "
                               f"({scores.errors} errors, {scores.timeouts} timeouts of "
                               f"{cfg.verify_timeout_s} s); the first error:\n"
