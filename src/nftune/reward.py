@@ -184,6 +184,9 @@ class Reward:
                 f"{t.target}*{t.weight!r}" for t in user))
 
     def start_in_background(self) -> None:
+        """Start the pools this reward uses (the math verifier's only if it is a term)."""
+        if self.math_weight:
+            self.verifier.start_in_background()
         if self.pool is not None:
             self.pool.start_in_background()
 

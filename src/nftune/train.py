@@ -262,10 +262,9 @@ class Trainer:
                     log.warning("--resume: changed on resume: %s", ", ".join(changed))
         self.verifier = self._cleanup.enter_context(
             Verifier(cfg.verify_workers, cfg.verify_timeout_s, strategy=strategy_for(cfg.template)))
-        self.verifier.start_in_background()  # its warm-up overlaps loading the model and data
         self.reward = self._cleanup.enter_context(
             Reward(self.verifier, cfg.reward, cfg.verify_workers, cfg.verify_timeout_s))
-        self.reward.start_in_background()
+        self.reward.start_in_background()  # its warm-up overlaps loading the model and data
         try:
             self.model, self.tokenizer = build_policy(cfg, device, checkpoint)
         except Exception as err:  # noqa: BLE001 — whatever the file holds, name the checkpoint

@@ -79,24 +79,30 @@ def in_test_split(text: str, test_fraction: float = 0.2) -> bool:
     return int.from_bytes(digest[:4], "big") / 2**32 < test_fraction
 
 
-def make_problems(n: int, split: str, seed: int = 0, level: int = 2) -> list[Problem]:
-    """``n`` distinct problems of ``split`` ("train" or "test"), deterministic in the seed."""
+def distinct_problems(n: int, split: str, draw, rng: random.Random, what: str) -> list:
+    """``n`` distinct problems (by ``.text``) of ``split`` ("train" or "test") from ``draw(rng)``;
+    a problem's split is a function of its text alone (:func:`in_test_split`)."""
     if split not in ("train", "test"):
         raise ValueError(f"split: 'train' or 'test', got {split!r}")
-    rng = random.Random(f"{seed}-{split}-{level}")
     seen: set[str] = set()
-    out: list[Problem] = []
+    out: list = []
     attempts = 0
     while len(out) < n:
         attempts += 1
         if attempts > 200 * n + 10_000:
-            raise ValueError(f"level {level} has too few distinct {split} problems for n={n}")
-        p = random_problem(rng, level)
+            raise ValueError(f"{what} has too few distinct {split} problems for n={n}")
+        p = draw(rng)
         if p.text in seen or in_test_split(p.text) != (split == "test"):
             continue
         seen.add(p.text)
         out.append(p)
     return out
+
+
+def make_problems(n: int, split: str, seed: int = 0, level: int = 2) -> list[Problem]:
+    """``n`` distinct problems of ``split`` ("train" or "test"), deterministic in the seed."""
+    return distinct_problems(n, split, lambda rng: random_problem(rng, level),
+                             random.Random(f"{seed}-{split}-{level}"), f"level {level}")
 
 
 def make_questions(n: int, split: str, seed: int = 0, level: int = 2) -> list[Question]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from nftune.data import Question
-from nftune.tasks.arithmetic import in_test_split
+from nftune.tasks.arithmetic import distinct_problems
 
 MAX_EXPRESSION_CHARS = 200
 _OPERATORS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
@@ -135,24 +135,16 @@ class Problem:
 def make_problems(n: int, split: str, seed: int = 0, level: int = 2) -> list[Problem]:
     """``n`` distinct problems of ``split`` ("train" or "test"), deterministic in the seed;
     a question's split is a function of its text."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split: 'train' or 'test', got {split!r}")
     if level not in LEVELS:
         raise ValueError(f"level: unknown {level}; valid: {sorted(LEVELS)}")
     count, largest, ops = LEVELS[level]
-    rng = random.Random(f"countdown-{seed}-{split}-{level}")
-    seen: set[str] = set()
-    out: list[Problem] = []
-    for _ in range(200 * n + 10_000):
-        p = Problem(tuple(rng.randint(1, largest) for _ in range(count)),
-                    tuple(rng.choice(ops) for _ in range(count - 1)))
-        if p.text in seen or in_test_split(p.text) != (split == "test"):
-            continue
-        seen.add(p.text)
-        out.append(p)
-        if len(out) == n:
-            return out
-    raise ValueError(f"level {level} has too few distinct {split} problems for n={n}")
+
+    def draw(rng: random.Random) -> Problem:
+        return Problem(tuple(rng.randint(1, largest) for _ in range(count)),
+                       tuple(rng.choice(ops) for _ in range(count - 1)))
+
+    return distinct_problems(n, split, draw, random.Random(f"countdown-{seed}-{split}-{level}"),
+                             f"level {level}")
 
 
 def make_questions(n: int, split: str, seed: int = 0, level: int = 2) -> list[Question]:
