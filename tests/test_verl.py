@@ -242,8 +242,8 @@ def test_reward_is_nftunes_verifier():
     from nftune.integrations.verl import compute_score
 
     info = {"strategy": "answer_line"}
-    assert compute_score("dapo17k", "so 2 + 2\nAnswer: 4", "4", info) == {"score": 1.0,
-                                                                          "acc": True}
+    assert compute_score("dapo17k", "so 2 + 2\nAnswer: 4", "4", info) == {
+        "score": 1.0, "acc": True, "truncated": False}
     assert compute_score("dapo17k", "Answer: 5", "4", info)["score"] == 0.0
     # math-verify for non-literal equality, in a worker process
     assert compute_score("math500", r"so \boxed{\frac{1}{2}}", "0.5",
@@ -390,3 +390,58 @@ def test_recipe_checkpoints_resume_and_convert_as_docs_say(tmp_path, monkeypatch
     monkeypatch.setattr(sys, "argv", ["model_merger", *shlex.split(merge.group(1))])
     args = parse_args()
     assert args.backend == "fsdp" and args.local_dir.endswith("/actor")
+
+
+# ---------------------------------------------------------------------------------------------
+# The reward as verl calls it: verl's loader builds the recipe's reward manager, which calls
+# compute_score on each answer's decoded text
+# ---------------------------------------------------------------------------------------------
+
+
+def test_recipes_reward_manager_scores_boxed_answer_lines_and_truncated_answers(
+        tiny_base, tmp_path, monkeypatch):
+    import numpy as np
+    from verl.protocol import DataProto
+    from verl.trainer.ppo.reward import load_reward_manager
+
+    from nftune.policy import load_tokenizer
+
+    budget = 24  # data.max_response_length: the rollout's response budget
+    cfg = _recipe(tmp_path, monkeypatch, [f"actor_rollout_ref.model.path={tiny_base}",
+                                          f"data.max_response_length={budget}"])
+    tokenizer = load_tokenizer(str(tiny_base))
+    manager = load_reward_manager(cfg, tokenizer)
+    assert type(manager).__name__ == "TruncationAwareRewardManager"
+    eos = tokenizer.eos_token_id
+
+    def score(text: str, *, stop: bool, gold: str = "4") -> dict:
+        prompt = tokenizer("2+2=", add_special_tokens=False)["input_ids"]
+        response = tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if stop else [])
+        assert len(response) <= budget
+        padded = response + [tokenizer.pad_token_id] * (budget - len(response))
+        data = DataProto.from_dict(
+            tensors={"prompts": torch.tensor([prompt]), "responses": torch.tensor([padded]),
+                     "attention_mask": torch.tensor([[1] * len(prompt) + [1] * len(response)
+                                                     + [0] * (budget - len(response))])},
+            non_tensors={"data_source": np.array(["dapo17k"], dtype=object),
+                         "reward_model": np.array([{"ground_truth": gold}], dtype=object),
+                         # verl-data's rows for the recipe: the boxed template's strategy
+                         "extra_info": np.array([{"strategy": "boxed"}], dtype=object)})
+        # on the manager's own event loop, as verl's RewardLoopWorker runs it
+        return manager.loop.run_until_complete(manager.run_single(data))
+
+    # a finished boxed answer is graded by nftune's verifier; an `Answer:` line is not what
+    # the recipe's prompts ask for (the box), so it is wrong; a wrong box is wrong
+    assert score("so \\boxed{4}", stop=True)["reward_score"] == 1.0
+    assert score("so it is\nAnswer: 4", stop=True)["reward_score"] == 0.0
+    assert score("so \\boxed{5}", stop=True)["reward_score"] == 0.0
+    # the same right box in an answer that used the whole budget without a stop token: cut
+    # off, so wrong (as in the paper and nftune train) — and one token shorter it is not cut
+    filler = "a" * (budget - len("\\boxed{4}"))
+    cut = score(filler + "\\boxed{4}", stop=False)
+    assert cut["reward_score"] == 0.0 and cut["reward_extra_info"]["truncated"] is True
+    assert cut["reward_extra_info"]["acc"] is False
+    done = score(filler[1:] + "\\boxed{4}", stop=True)
+    assert done["reward_score"] == 1.0 and done["reward_extra_info"]["truncated"] is False
+    # the keys verl stacks across a batch are the same for every answer
+    assert set(cut["reward_extra_info"]) == set(done["reward_extra_info"])

@@ -205,10 +205,16 @@ def rft_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor,
 
 def compute_score(data_source: str, solution_str: str, ground_truth: str,
                   extra_info: dict | None = None, **_: Any) -> dict[str, Any]:
-    """nftune's verifier as verl's custom reward: {"score": 1.0 | 0.0, "acc": bool}."""
+    """nftune's verifier as verl's custom reward: {"score": 1.0 | 0.0, "acc": bool,
+    "truncated": bool}. An answer marked ``extra_info["truncated"]`` (by
+    :class:`nftune.integrations.verl_reward.TruncationAwareRewardManager`) scores 0 whatever
+    its text says, as in the paper and ``nftune train``."""
     from nftune.verify import verify_batch
 
-    strategy = (extra_info or {}).get("strategy", "auto")
+    info = extra_info or {}
+    truncated = bool(info.get("truncated", False))
     # one worker per reward process: verl runs many of them
-    ok = verify_batch([solution_str], [str(ground_truth)], strategy=strategy, workers=1)[0]
-    return {"score": 1.0 if ok else 0.0, "acc": bool(ok)}
+    ok = not truncated and verify_batch([solution_str], [str(ground_truth)],
+                                        strategy=info.get("strategy", "auto"), workers=1)[0]
+    # the same keys for every answer: verl stacks them across a batch
+    return {"score": 1.0 if ok else 0.0, "acc": bool(ok), "truncated": truncated}
