@@ -231,3 +231,34 @@ def _write_parquet(tmp_path, rows) -> str:
     path = tmp_path / "rows.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     return str(path)
+
+
+def test_verl_data_writes_again_only_when_its_options_change(arithmetic_files, tmp_path):
+    """`nftune verl-data --if-changed` (the recipe's launch script runs it before every launch)
+    keeps files written with the same options and rewrites them when an option differs, so a
+    directory made earlier with another template is never trained on silently."""
+    from helpers import run_cli
+
+    out = tmp_path / "verl"
+    base = ["verl-data", "--train", arithmetic_files["train"], "--val", arithmetic_files["test"],
+            "--output-dir", out, "--if-changed"]
+
+    def strategies(name: str) -> set[str]:
+        return {row["strategy"] for row in
+                pq.read_table(out / name).column("extra_info").to_pylist()}
+
+    assert run_cli(*base).returncode == 0
+    # the default template is the recipe's (boxed), for validation too
+    assert strategies("train.parquet") == strategies("val.parquet") == {"boxed"}
+    stamp = json.loads((out / "nftune_verl_data.json").read_text())
+    assert stamp["template"] == stamp["val_template"] == "boxed"
+    written = (out / "train.parquet").stat().st_mtime_ns
+
+    again = run_cli(*base)
+    assert again.returncode == 0 and "up to date" in again.stdout
+    assert (out / "train.parquet").stat().st_mtime_ns == written
+
+    other = run_cli(*base, "--template", "dapo")
+    assert other.returncode == 0 and "up to date" not in other.stdout
+    assert strategies("train.parquet") == strategies("val.parquet") == {"answer_line"}
+    assert json.loads((out / "nftune_verl_data.json").read_text())["template"] == "dapo"

@@ -299,6 +299,11 @@ def test_example_recipe_is_a_valid_verl_config(monkeypatch, tmp_path):
     assert algo.filter_groups.enable and algo.filter_groups.metric == "acc"
     reward = cfg.reward.custom_reward_function
     assert load_extern_object(reward.path, reward.name) is plugin.compute_score
+    from verl.trainer.ppo.reward import resolve_reward_manager_cls
+
+    from nftune.integrations.verl_reward import TruncationAwareRewardManager
+
+    assert resolve_reward_manager_cls(cfg) is TruncationAwareRewardManager
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,6 +354,7 @@ def test_recipe_prompt_format_and_reward_agree(tmp_path, monkeypatch, arithmetic
     from nftune.integrations.verl_data import verl_rows
 
     args = build_parser().parse_args(_verl_data_args())
+    assert args.if_changed  # files made earlier with other options are written again
     question = load_questions(str(arithmetic_files["test"])).questions[0]
     for template in (args.template, args.val_template):
         row = verl_rows([question], template, "dapo17k", "train")[0]
@@ -445,3 +451,53 @@ def test_recipes_reward_manager_scores_boxed_answer_lines_and_truncated_answers(
     assert done["reward_score"] == 1.0 and done["reward_extra_info"]["truncated"] is False
     # the keys verl stacks across a batch are the same for every answer
     assert set(cut["reward_extra_info"]) == set(done["reward_extra_info"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Warm-up units, and the GPU smoke launch
+# ---------------------------------------------------------------------------------------------
+
+
+def test_recipe_warmup_is_stated_in_optimizer_steps_for_nftune_train(tmp_path, monkeypatch):
+    """verl counts lr_warmup_steps in rollout steps (its worker steps the scheduler once per
+    update_actor: tests/test_verl_actor.py measures it); nftune's warmup_steps counts optimizer
+    steps. The docs give nftune's equivalent of the recipe, in its units."""
+    import re
+
+    from nftune.config import TrainConfig
+
+    cfg = _recipe(tmp_path, monkeypatch)
+    actor = cfg.actor_rollout_ref.actor
+    per_rollout = cfg.data.train_batch_size // actor.ppo_mini_batch_size * actor.ppo_epochs
+    in_optimizer_steps = actor.optim.lr_warmup_steps * per_rollout
+    assert (actor.optim.lr_warmup_steps, per_rollout, in_optimizer_steps) == (10, 16, 160)
+    scale = (EXAMPLES.parents[1] / "docs" / "scale.md").read_text()
+    stated = {int(n) for n in re.findall(r"`warmup_steps: (\d+)`", scale)}
+    assert stated == {in_optimizer_steps}
+    help_text = TrainConfig.__dataclass_fields__["warmup_steps"].metadata["help"]
+    assert "optimizer steps" in help_text and f"= {in_optimizer_steps}" in help_text
+
+
+def test_gpu_smoke_launch_is_a_valid_two_step_run_of_the_recipe(tmp_path, monkeypatch):
+    """examples/verl/smoke_2_steps.sh: the recipe with its overrides composes, passes verl's
+    own validation for one GPU, and runs 2 rollout steps of 2 optimizer steps each."""
+    import re
+
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    script = (EXAMPLES / "smoke_2_steps.sh").read_text()
+    overrides = re.findall(r"^\s+([\w.]+)=(\S+) \\$", script, flags=re.M)
+    overrides = [f"{k}={v.strip(chr(34))}" for k, v in overrides]
+    overrides = [re.sub(r"\$\{NFTUNE_SMOKE_MODEL:-([^}]+)\}", r"\1", o) for o in overrides]
+    assert "--config-name nft_qwen2.5_math_7b" in script and "--if-changed" in script
+    cfg = _recipe(tmp_path, monkeypatch, overrides)
+    validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg),
+                    use_critic=need_critic(cfg))
+    actor = cfg.actor_rollout_ref.actor
+    assert cfg.actor_rollout_ref.model.path == "Qwen/Qwen2.5-Math-1.5B"
+    assert cfg.trainer.n_gpus_per_node * cfg.trainer.nnodes == 1
+    assert cfg.trainer.total_training_steps == 2 and cfg.trainer.save_freq == 2
+    assert cfg.data.train_batch_size // actor.ppo_mini_batch_size == 2
+    assert actor.policy_loss.loss_mode == "nft" and cfg.algorithm.adv_estimator == "nft"
+    assert cfg.algorithm.filter_groups.enable  # the recipe's dynamic sampling, unchanged

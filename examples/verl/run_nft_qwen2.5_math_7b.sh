@@ -11,11 +11,10 @@ export NFTUNE_VERL_DATA="${NFTUNE_VERL_DATA:-$PWD/data/verl}"
 # verl wraps each prompt in the model's chat template, whose default system prompt for
 # Qwen2.5-Math asks for \boxed{}: the boxed template asks the same, and the reward extracts
 # the box. Evaluate the result with `nftune eval --template chat:boxed` (docs/scale.md).
-if [ ! -f "$NFTUNE_VERL_DATA/train.parquet" ]; then
-  nftune verl-data --train dapo17k \
-      --val aime24,aime25,amc23,math500,olympiadbench,minerva \
-      --template boxed --val-template boxed --output-dir "$NFTUNE_VERL_DATA"
-fi
+# --if-changed: written again whenever the files there were made with other options.
+nftune verl-data --train dapo17k \
+    --val aime24,aime25,amc23,math500,olympiadbench,minerva \
+    --template boxed --val-template boxed --output-dir "$NFTUNE_VERL_DATA" --if-changed
 
 # 2. train: verl's standard entry point; `import verl` loads nftune's plugin on every worker
 python3 -m verl.trainer.main_ppo \

@@ -71,7 +71,10 @@ def cmd_verl_data(args: argparse.Namespace) -> int:
     val = [v.strip() for v in args.val.split(",") if v.strip()] if args.val else []
     result = prepare_verl_data(args.train, val, args.output_dir, template=args.template,
                                val_template=args.val_template, data_dir=args.data_dir,
-                               train_limit=args.train_limit)
+                               train_limit=args.train_limit, if_changed=args.if_changed)
+    if result.get("up_to_date"):
+        print(f"{result['output_dir']}: up to date (written with these options)")
+        return 0
     print(f"train: {result['train']['rows']} questions from {result['train']['origin']} "
           f"-> {result['train']['file']}")
     if "val" in result:
@@ -332,15 +335,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", default="dapo17k", help="training set (default dapo17k)")
     p.add_argument("--val", default="aime24", help="comma-separated validation sets "
                                                     "(default aime24; empty for none)")
-    p.add_argument("--template", default="dapo", help="training prompt template: dapo | boxed "
-                                                      "| raw (default dapo)")
+    p.add_argument("--template", default="boxed",
+                   help="prompt template: boxed | dapo | raw (default boxed: what Qwen2.5-Math's "
+                        "chat template asks for, and the recipe's)")
     p.add_argument("--val-template", default=None,
-                   help="validation template (default: nftune eval's per benchmark)")
+                   help="validation template (default: the training template)")
     p.add_argument("--output-dir", default="data/verl")
     p.add_argument("--data-dir", default=None,
                    help="directory holding <name>.jsonl files (default: $NFTUNE_DATA_DIR; "
                         "else the hub)")
     p.add_argument("--train-limit", type=int, default=None, help="first N questions only")
+    p.add_argument("--if-changed", action="store_true",
+                   help="write only if the output directory's files were written with other "
+                        "options (its stamp, nftune_verl_data.json, differs)")
     p.set_defaults(func=cmd_verl_data)
     return parser
 

@@ -112,7 +112,9 @@ class TrainConfig:
     micro_batch_tokens: int = _option(16384, "Padded tokens per forward/backward; bounds memory, "
                                              "never changes the gradient.")
     lr: float = _option(1e-6, "AdamW learning rate (paper: 1e-6).")
-    warmup_steps: int = _option(10, "Linear warm-up, in optimizer steps.")
+    warmup_steps: int = _option(10, "Linear warm-up, in optimizer steps (minibatches per "
+                                    "rollout step); the paper's verl recipe warms up over 10 "
+                                    "rollout steps = 160 here at minibatches 16.")
     lr_schedule: str = _option("constant", "After warm-up: constant | cosine.")
     weight_decay: float = _option(0.0, "AdamW weight decay.")
     adam_beta1: float = _option(0.9, "AdamW β1.")

@@ -13,6 +13,7 @@ One row per question, in verl's schema:
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -50,16 +51,43 @@ def write_verl_parquet(rows: list[dict[str, Any]], path: str | os.PathLike) -> P
     return path
 
 
-def prepare_verl_data(train: str, val: list[str], output_dir: str | os.PathLike,
-                      template: str = "dapo", val_template: str | None = None,
-                      data_dir: str | None = None, train_limit: int | None = None
-                      ) -> dict[str, Any]:
-    """Load (and clean) the train set and validation sets with nftune's loaders, write
-    ``train.parquet`` and ``val.parquet``; returns counts and the cleaning report. Validation
-    sets default to ``nftune eval``'s template per benchmark (dapo for integer answers)."""
-    from nftune.evaluate import benchmark_template
+STAMP = "nftune_verl_data.json"  # the options the parquet files were written with
 
+
+def _options(train: str, val: list[str], template: str, val_template: str | None,
+             data_dir: str | None, train_limit: int | None) -> dict[str, Any]:
+    from nftune import __version__
+
+    return {"train": train, "val": val, "template": template,
+            "val_template": val_template or template, "data_dir": data_dir,
+            "train_limit": train_limit, "nftune": __version__}
+
+
+def is_up_to_date(output_dir: str | os.PathLike, options: dict[str, Any]) -> bool:
+    """True if ``output_dir`` holds parquet files written with exactly ``options``."""
     out = Path(output_dir)
+    try:
+        stamp = json.loads((out / STAMP).read_text())
+    except (OSError, ValueError):
+        return False
+    files = [out / "train.parquet"] + ([out / "val.parquet"] if options["val"] else [])
+    return stamp == options and all(f.exists() for f in files)
+
+
+def prepare_verl_data(train: str, val: list[str], output_dir: str | os.PathLike,
+                      template: str = "boxed", val_template: str | None = None,
+                      data_dir: str | None = None, train_limit: int | None = None,
+                      if_changed: bool = False) -> dict[str, Any]:
+    """Load (and clean) the train set and validation sets with nftune's loaders, write
+    ``train.parquet`` and ``val.parquet`` and, last, a stamp of the options used; returns
+    counts and the cleaning report (``{"up_to_date": True}`` alone when ``if_changed`` and the
+    stamp matches). Validation sets take the training template unless ``val_template`` is
+    given: verl wraps both in the same chat template."""
+    out = Path(output_dir)
+    options = _options(train, val, template, val_template, data_dir, train_limit)
+    if if_changed and is_up_to_date(out, options):
+        return {"up_to_date": True, "output_dir": str(out)}
+    (out / STAMP).unlink(missing_ok=True)  # a crash below leaves no stamp that lies
     train_set = load_questions(train, data_dir=data_dir, limit=train_limit)
     rows = verl_rows(train_set.questions, template, Path(train).stem, "train")
     write_verl_parquet(rows, out / "train.parquet")
@@ -71,8 +99,8 @@ def prepare_verl_data(train: str, val: list[str], output_dir: str | os.PathLike,
         for name in val:
             qs = load_questions(name, data_dir=data_dir)
             set_name = Path(name).stem
-            val_rows.extend(verl_rows(qs.questions, benchmark_template(set_name, val_template),
-                                      set_name, "test"))
+            val_rows.extend(verl_rows(qs.questions, options["val_template"], set_name, "test"))
         write_verl_parquet(val_rows, out / "val.parquet")
         summary["val"] = {"file": str(out / "val.parquet"), "rows": len(val_rows), "sets": val}
+    (out / STAMP).write_text(json.dumps(options, indent=1))
     return summary
