@@ -242,16 +242,44 @@ def test_answers_are_cut_to_the_models_context():
         generate_rollout(model, tokenizer, ["1" * 40], 1, max_new_tokens=5)
 
 
-def test_prompts_start_with_bos_once_where_the_tokenizer_has_one():
-    """Llama-style tokenizers expect BOS first: a plain prompt gets it, a chat-formatted one
-    (whose template wrote it) does not get a second; a tokenizer without BOS adds nothing."""
-    from nftune.rollout import encode_prompts
+def _three_tokenizers():
+    """The three BOS conventions, built here: Llama-style (declares <s> and its post-processor
+    adds it), GPT-2-style (declares <s>, never adds it), Qwen-style (no BOS); each with a chat
+    template that writes <s> where the tokenizer has one."""
+    from tokenizers import processors
+
     from nftune.tasks.tiny_model import char_tokenizer
 
-    plain = char_tokenizer()
-    assert encode_prompts(plain, ["12"]) == [plain("12", add_special_tokens=False)["input_ids"]]
-    tokenizer = char_tokenizer()
-    tokenizer.add_special_tokens({"bos_token": "<s>"})
-    bos = tokenizer.bos_token_id
-    body = tokenizer("1+2", add_special_tokens=False)["input_ids"]
-    assert encode_prompts(tokenizer, ["1+2", "<s>1+2"]) == [[bos, *body], [bos, *body]]
+    qwen = char_tokenizer()
+    gpt2 = char_tokenizer()
+    gpt2.add_special_tokens({"bos_token": "<s>"})
+    llama = char_tokenizer()
+    llama.add_special_tokens({"bos_token": "<s>"})
+    llama.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", llama.bos_token_id)])
+    for tok in (qwen, gpt2, llama):
+        tok.chat_template = ("{{ bos_token or '' }}{% for m in messages %}Q: {{ m['content'] }}"
+                             "{% endfor %}{% if add_generation_prompt %}\nA:{% endif %}")
+    return {"llama": llama, "gpt2": gpt2, "qwen": qwen}
+
+
+def test_prompts_are_encoded_as_the_tokenizer_encodes_text():
+    """Plain prompts get exactly the special tokens the tokenizer itself adds (Llama-style: its
+    BOS; GPT-2- and Qwen-style: none, even where a BOS is declared); a chat template's output
+    gets none added (its template wrote them), as apply_chat_template encodes it."""
+    from nftune.data import format_prompt
+    from nftune.rollout import encode_prompts
+
+    for name, tok in _three_tokenizers().items():
+        body = tok("1+2", add_special_tokens=False)["input_ids"]
+        bos = [tok.bos_token_id] if name == "llama" else []  # written down per convention
+        assert encode_prompts(tok, ["1+2"]) == [bos + body], name
+        chat = format_prompt("1+2", "chat:raw", tok)
+        expected = tok.apply_chat_template([{"role": "user", "content": "1+2"}],
+                                           add_generation_prompt=True, tokenize=True)
+        expected = expected if isinstance(expected, list) else expected["input_ids"]
+        assert encode_prompts(tok, [chat]) == [list(expected)], name
+        if tok.bos_token:  # the template's BOS, once
+            assert encode_prompts(tok, [chat])[0].count(tok.bos_token_id) == 1, name
+        # mixed in one batch, each keeps its own encoding and its place
+        assert encode_prompts(tok, [chat, "1+2"]) == [list(expected), bos + body], name

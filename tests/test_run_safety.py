@@ -177,16 +177,19 @@ def test_stale_temporary_checkpoints_are_removed(run_copy, tiny_base, arithmetic
     (run_copy / "final").rename(run_copy / ".old-final-999")
     train(config(tiny_base, arithmetic_files, run_copy), resume=True, progress=False)
     assert not stale.exists() and not (run_copy / ".old-final-999").exists()
-    assert (run_copy / "final" / MANIFEST).exists()
+    assert (run_copy / "final" / "model.safetensors").exists()
 
 
 def test_saved_checkpoints_are_complete(finished_run):
-    for checkpoint in list((finished_run / "checkpoints").iterdir()) + [finished_run / "final"]:
+    for checkpoint in (finished_run / "checkpoints").iterdir():
         listed = json.loads((checkpoint / MANIFEST).read_text())["files"]
         on_disk = {p.relative_to(checkpoint).as_posix() for p in checkpoint.rglob("*")
                    if p.is_file() and p.name != MANIFEST}
         assert set(listed) == on_disk
         assert not {p.name for p in checkpoint.iterdir()} & {"trainer_state.pt"}
+    # final/ is the model alone: resuming needs the step checkpoints, not it
+    assert not {p.name for p in (finished_run / "final").iterdir()} & {
+        MANIFEST, "trainer_state.json", "trainer_state.safetensors"}
 
 
 # --- 8. a resumed run is the run its config.yaml describes -------------------------------------

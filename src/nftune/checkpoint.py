@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -130,29 +131,22 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(directory: Path, model, tokenizer, state: dict[str, Any],
-                    final: bool = False) -> None:
-    """Write the policy (:func:`nftune.policy.save_policy`), the tokenizer, the trainer state
-    and the manifest into a temp dir, flush it to disk, then rename it into place: a crash
-    leaves the previous checkpoint intact."""
-    from nftune.policy import save_policy
-
+def write_atomically(directory: Path, fill) -> None:
+    """``fill(tmp)`` writes a directory's files into a temporary sibling, which is flushed to
+    disk and renamed into place: a crash leaves the previous ``directory`` intact."""
     tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_policy(model, tmp, final)
-    tokenizer.save_pretrained(tmp)
-    save_state(tmp, state)
-    files = {}
-    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        _fsync(path)
-        files[path.relative_to(tmp).as_posix()] = {"bytes": path.stat().st_size,
-                                                   "sha256": sha256_file(path)}
-    (tmp / MANIFEST).write_text(json.dumps({"format": MANIFEST_FORMAT, "files": files},
-                                           indent=1))
-    _fsync(tmp / MANIFEST)
-    _fsync(tmp)
+    try:
+        fill(tmp)
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                _fsync(path)
+        _fsync(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if directory.exists():
         old = directory.with_name(f".old-{directory.name}-{os.getpid()}")
         directory.rename(old)
@@ -161,6 +155,25 @@ def save_checkpoint(directory: Path, model, tokenizer, state: dict[str, Any],
     else:
         tmp.rename(directory)
     _fsync(directory.parent)
+
+
+def save_checkpoint(directory: Path, model, tokenizer, state: dict[str, Any]) -> None:
+    """A step checkpoint, written atomically (:func:`write_atomically`): the policy as
+    :func:`nftune.policy.save_policy` stores it, the tokenizer, the trainer state and the
+    manifest of every file's size and SHA-256."""
+    from nftune.policy import save_policy
+
+    def fill(tmp: Path) -> None:
+        save_policy(model, tmp)
+        tokenizer.save_pretrained(tmp)
+        save_state(tmp, state)
+        files = {path.relative_to(tmp).as_posix(): {"bytes": path.stat().st_size,
+                                                    "sha256": sha256_file(path)}
+                 for path in sorted(p for p in tmp.rglob("*") if p.is_file())}
+        (tmp / MANIFEST).write_text(json.dumps({"format": MANIFEST_FORMAT, "files": files},
+                                               indent=1))
+
+    write_atomically(directory, fill)
 
 
 def check_checkpoint(directory: Path) -> None:
@@ -249,20 +262,32 @@ def remove_stale(output_dir: Path) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl, one line per step, appended and flushed; optional TensorBoard / W&B."""
+    """metrics.jsonl, one line per step, appended and flushed; optional TensorBoard / W&B.
 
-    def __init__(self, path: Path, report_to: str, config: dict[str, Any]):
+    The W&B run is named ``run_name``; its id is kept in ``wandb-run-id`` beside the metrics so
+    that a resumed run (``resumed_at``: the checkpoint's step) continues the same W&B run.
+    TensorBoard drops the events of steps after that checkpoint (they are redone)."""
+
+    def __init__(self, path: Path, report_to: str, config: dict[str, Any],
+                 run_name: str | None = None, resumed_at: int | None = None):
         self.file = path.open("a", encoding="utf-8")
         self.backend: Any = None
         self.kind = report_to
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
-            self.backend = SummaryWriter(str(path.parent / "tensorboard"))
+            self.backend = SummaryWriter(
+                str(path.parent / "tensorboard"),
+                purge_step=resumed_at + 1 if resumed_at is not None else None)
         elif report_to == "wandb":
             import wandb
 
-            self.backend = wandb.init(project="nftune", dir=str(path.parent), config=config,
+            id_file = path.parent / "wandb-run-id"
+            run_id = id_file.read_text().strip() if resumed_at is not None and \
+                id_file.exists() else secrets.token_hex(4)
+            id_file.write_text(run_id)
+            self.backend = wandb.init(project="nftune", name=run_name, id=run_id,
+                                      resume="allow", dir=str(path.parent), config=config,
                                       mode=os.environ.get("WANDB_MODE", "offline"))
 
     def write(self, row: dict[str, Any]) -> None:

@@ -96,7 +96,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = build_config(args.config, overrides)
     args.output_dir = cfg.output_dir  # for the interrupt message
     final = train(cfg, resume=args.resume, progress=not args.no_progress,
-                  allow_changes=args.allow_changes)
+                  allow_changes=args.allow_changes, overwrite=args.overwrite)
     print(f"done: final model in {final}")
     return 0
 
@@ -317,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-changes", action="store_true",
                    help="with --resume: accept changes to keys that are safe to change "
                         "(steps, save_every, eval settings, device, ...)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an output dir that holds a run (deletes its metrics, "
+                        "checkpoints and final/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train, takes_extra=True)
 

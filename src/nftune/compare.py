@@ -67,7 +67,9 @@ def run_comparison(base: dict[str, Any], algos: list[str], seeds: list[int], out
             print(f"skip {run['dir']}: finished")
             continue
         print(f"run {run['dir']}")
-        train(cfg, resume=(run_dir / "checkpoints").exists(), progress=progress)
+        # continue from a checkpoint if the run left one, else start it over
+        resume = (run_dir / "checkpoints").exists()
+        train(cfg, resume=resume, overwrite=not resume, progress=progress)
     return build_report(out)
 
 

@@ -21,7 +21,8 @@ RESUME_FREE_KEYS = ("output_dir", "data_dir", "device", "verify_workers",
 # steps only with a constant learning rate (the cosine schedule depends on it)
 RESUME_SAFE_KEYS = ("steps", "save_every", "keep_checkpoints", "eval_every", "eval_data",
                     "eval_limit", "eval_k", "eval_temperature", "eval_top_p",
-                    "eval_max_new_tokens", "report_to", "verify_timeout_s")
+                    "eval_max_new_tokens", "report_to", "verify_timeout_s", "run_name",
+                    "final_dtype")
 
 
 def _option(default: Any, help: str) -> Any:
@@ -158,6 +159,10 @@ class TrainConfig:
     keep_checkpoints: int = _option(2, "Keep the last N step checkpoints.")
     report_to: str = _option("none", "none | tensorboard | wandb (wandb offline works without "
                                      "network).")
+    run_name: str | None = _option(None, "The run's name in W&B and the model card (default: "
+                                         "the output directory's name).")
+    final_dtype: str = _option("auto", "dtype of final/'s weights: auto (the base model's "
+                                       "declared dtype) | float32 | bfloat16 | float16.")
 
     def resolve(self) -> TrainConfig:
         """Fill per-algorithm defaults and validate; returns self."""
@@ -233,6 +238,8 @@ class TrainConfig:
             (self.lr_schedule in ("constant", "cosine"), "lr_schedule: constant or cosine"),
             (self.report_to in ("none", "tensorboard", "wandb"),
              "report_to: none, tensorboard or wandb"),
+            (self.final_dtype in ("auto", "float32", "bfloat16", "float16"),
+             "final_dtype: auto, float32, bfloat16 or float16"),
             (0 < self.overlong_buffer < 1, "overlong_buffer: a fraction in (0, 1)"),
             (self.eps is None or self.eps > 0, "eps: must be positive"),
             (self.max_new_tokens >= 1, "max_new_tokens: must be at least 1"),

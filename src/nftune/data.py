@@ -382,17 +382,22 @@ def _split_template(template: str) -> tuple[bool, str]:
     return bool(chat), inner
 
 
+class ChatText(str):
+    """Text the tokenizer's chat template wrote: it holds its own special tokens (BOS and the
+    like), so it is encoded as ``apply_chat_template`` encodes it, adding none."""
+
+
 def format_prompt(problem: str, template: str = "dapo", tokenizer: Any = None) -> str:
     """The prompt for one problem. ``chat`` / ``chat:<inner>`` wraps the inner template (default
-    ``boxed``) in the tokenizer's chat template as one user message."""
+    ``boxed``) in the tokenizer's chat template as one user message (a :class:`ChatText`)."""
     chat, inner = _split_template(template)
     text = TEMPLATES[inner].format(problem=problem)
     if not chat:
         return text
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"template: {template!r} needs a tokenizer with a chat template")
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                         add_generation_prompt=True)
+    return ChatText(tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                  tokenize=False, add_generation_prompt=True))
 
 
 def strategy_for(template: str) -> str:

@@ -125,17 +125,11 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
     return merged
 
 
-def save_policy(model, directory: Path, final: bool = False) -> None:
-    """The policy as a Hugging Face model directory. With LoRA a step checkpoint holds the
-    adapters alone (``adapter_model.safetensors``, ``adapter_config.json``) and ``final``
-    holds the merged model, loadable with ``from_pretrained``, plus the adapters in
-    ``adapter/``."""
-    if not (is_lora(model) and final):  # a plain model, or a LoRA step checkpoint
-        model.save_pretrained(directory, safe_serialization=True)
-        return
-    model.get_base_model().save_pretrained(directory, state_dict=merged_state_dict(model),
-                                           safe_serialization=True)
-    model.save_pretrained(directory / "adapter", safe_serialization=True)
+def save_policy(model, directory: Path) -> None:
+    """The policy for a step checkpoint: a Hugging Face model directory, or with LoRA the
+    adapters alone (``adapter_model.safetensors``, ``adapter_config.json``). ``final/`` is
+    written by :func:`nftune.artifact.save_model_weights`."""
+    model.save_pretrained(directory, safe_serialization=True)
 
 
 def precision(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:

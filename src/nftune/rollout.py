@@ -124,14 +124,22 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Token ids of each prompt, with the tokenizer's BOS in front where it has one and the
-    text does not already start with it (a chat template writes its own; Qwen has none)."""
-    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    bos, bos_text = tokenizer.bos_token_id, tokenizer.bos_token
-    if bos is None or not bos_text:
-        return encoded
-    return [ids if text.startswith(bos_text) else [bos, *ids]
-            for text, ids in zip(prompts, encoded, strict=True)]
+    """Token ids of each prompt as the tokenizer itself encodes text for its model, special
+    tokens included: a Llama-style tokenizer adds its BOS, GPT-2- and Qwen-style ones add
+    nothing (the convention of vLLM, TRL and verl). A chat template's output
+    (:class:`nftune.data.ChatText`) already holds its special tokens and gets none added,
+    as ``apply_chat_template`` encodes it."""
+    from nftune.data import ChatText
+
+    encoded: list[list[int] | None] = [None] * len(prompts)
+    for chat in (False, True):
+        rows = [i for i, text in enumerate(prompts) if isinstance(text, ChatText) == chat]
+        if rows:
+            ids = tokenizer([str(prompts[i]) for i in rows],
+                            add_special_tokens=not chat)["input_ids"]
+            for i, row in zip(rows, ids, strict=True):
+                encoded[i] = row
+    return encoded  # type: ignore[return-value]
 
 
 def answer_budget(prompt_tokens: int, max_new_tokens: int, context: int | None) -> int:

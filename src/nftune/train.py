@@ -14,9 +14,11 @@ sets a run up (or resumes it) and runs one step at a time; :func:`train` drives 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,16 @@ from typing import Any
 
 import torch
 
+from nftune.artifact import (
+    checkpoint_bytes,
+    ensure_space,
+    final_bytes,
+    final_dtype,
+    free_bytes,
+    human,
+    save_final_model,
+    tokenizer_bytes,
+)
 from nftune.checkpoint import (
     CheckpointError,
     MetricsLog,
@@ -221,6 +233,31 @@ def _restore(state: dict[str, Any], checkpoint: Path, optimizer, scheduler,
     return step, nan_streak
 
 
+# what makes a directory hold a run, and what --overwrite deletes of it
+RUN_FILES = ("metrics.jsonl", "checkpoints", "final")
+RUN_OUTPUTS = (*RUN_FILES, "train.log", "config.yaml", "tensorboard", "wandb", "wandb-run-id")
+
+
+def claim_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """A fresh run needs a directory without a run in it: continue one with ``resume``, or
+    delete its outputs (only nftune's own files) with ``overwrite``."""
+    import shutil
+
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if not found or resume:
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"{out}: holds a run already ({', '.join(found)}); continue it with --resume, or "
+            "start over with --overwrite (deletes that run's metrics, checkpoints and final/)")
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 class Trainer:
     """One run of Algorithm 1: set up (or resumed) on construction, then :meth:`step` after
     :meth:`step` and :meth:`save_final`. A context manager: the verifier's workers, log
@@ -228,12 +265,15 @@ class Trainer:
 
     ``resume`` continues from the newest intact checkpoint in ``cfg.output_dir`` (damaged ones
     are reported and skipped); the config must be the one the run was started with, except for
-    the keys of ``RESUME_SAFE_KEYS`` when ``allow_changes`` is set."""
+    the keys of ``RESUME_SAFE_KEYS`` when ``allow_changes`` is set. Without ``resume`` the
+    directory must not hold a run, unless ``overwrite`` (which deletes it)."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, allow_changes: bool = False):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, allow_changes: bool = False,
+                 overwrite: bool = False):
         cfg.resolve()
         self.cfg = cfg
         self.out = out = Path(cfg.output_dir)
+        claim_output_dir(out, resume, overwrite)
         out.mkdir(parents=True, exist_ok=True)
         # everything opened below is closed in reverse order however the run ends
         self._cleanup = contextlib.ExitStack()
@@ -286,10 +326,24 @@ class Trainer:
             truncate_metrics(out / "metrics.jsonl", self.step_done)
             log.info("resumed from %s", checkpoint)
         cfg.save(out / "config.yaml")
-        self.metrics_log = MetricsLog(out / "metrics.jsonl", cfg.report_to, cfg.to_dict())
+        self.metrics_log = MetricsLog(out / "metrics.jsonl", cfg.report_to, cfg.to_dict(),
+                                      run_name=cfg.run_name or out.resolve().name,
+                                      resumed_at=self.step_done if checkpoint else None)
         self._cleanup.callback(self.metrics_log.close)
         log.info("training %s with %s on %d questions (%s), device %s", cfg.model, cfg.algo,
                  len(self.questions), self.questions.origin, device)
+        files = tokenizer_bytes(self.tokenizer)
+        self.checkpoint_size = checkpoint_bytes(self.model) + files
+        self.final_size = final_bytes(self.model, final_dtype(cfg)) + files
+        kept = min(cfg.keep_checkpoints + 1, (cfg.steps - 1) // cfg.save_every) \
+            if cfg.save_every else 0  # + 1: the newest is written before the oldest goes
+        self.disk_plan = (f"disk: one checkpoint {human(self.checkpoint_size)} (up to {kept} at "
+                          f"a time), final/ {human(self.final_size)}; "
+                          f"{human(free_bytes(out))} free in {out}")
+        log.info(self.disk_plan)
+        if free_bytes(out) < kept * self.checkpoint_size + self.final_size:
+            log.warning("%s: the run's checkpoints and final/ will not all fit (%s)", out,
+                        self.disk_plan)
 
     def step(self) -> dict[str, Any]:
         """One step of Algorithm 1 (the next one); returns its metrics row, also written to
@@ -330,16 +384,21 @@ class Trainer:
         self.metrics_log.write(row)
         self.step_done = step
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            save_checkpoint(self.out / "checkpoints" / f"step-{step}", self.model,
-                            self.tokenizer, self._state())
+            directory = self.out / "checkpoints" / f"step-{step}"
+            ensure_space(directory, self.checkpoint_size, f"checkpoint step-{step}")
+            save_checkpoint(directory, self.model, self.tokenizer, self._state())
             prune_checkpoints(self.out, cfg.keep_checkpoints)
         return row
 
     def save_final(self) -> Path:
-        """The trained model as ``final/`` (a Hugging Face model directory); returns it."""
-        save_checkpoint(self.out / "final", self.model, self.tokenizer, self._state(),
-                        final=True)
-        return self.out / "final"
+        """The trained model as ``final/``: a Hugging Face model directory in the base model's
+        dtype with a model card, no trainer state (:mod:`nftune.artifact`); returns it."""
+        directory = self.out / "final"
+        ensure_space(directory, self.final_size, "final/")
+        rows = [json.loads(line) for line in
+                (self.out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        save_final_model(directory, self.model, self.tokenizer, self.cfg, rows)
+        return directory
 
     def _state(self) -> dict[str, Any]:
         return {"step": self.step_done, "optimizer": self.optimizer.state_dict(),
@@ -358,12 +417,14 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
-          allow_changes: bool = False) -> Path:
-    """Run Algorithm 1 as configured (see :class:`Trainer` for ``resume`` and
-    ``allow_changes``); returns the final model directory."""
+          allow_changes: bool = False, overwrite: bool = False) -> Path:
+    """Run Algorithm 1 as configured (see :class:`Trainer` for ``resume``, ``allow_changes``
+    and ``overwrite``); returns the final model directory."""
     from tqdm.auto import tqdm
 
-    with Trainer(cfg, resume, allow_changes) as trainer:
+    with Trainer(cfg, resume, allow_changes, overwrite) as trainer:
+        if progress:
+            print(f"nftune: {trainer.disk_plan}", file=sys.stderr)
         with tqdm(total=cfg.steps, initial=trainer.step_done, desc=cfg.algo,
                   disable=not progress, dynamic_ncols=True) as bar:
             while trainer.step_done < cfg.steps:
