@@ -2,6 +2,7 @@
 
 import json
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import datasets
@@ -262,3 +263,54 @@ def test_verl_data_writes_again_only_when_its_options_change(arithmetic_files, t
     assert other.returncode == 0 and "up to date" not in other.stdout
     assert strategies("train.parquet") == strategies("val.parquet") == {"answer_line"}
     assert json.loads((out / "nftune_verl_data.json").read_text())["template"] == "dapo"
+
+
+def _hub_layout_rows(copies: int) -> list[dict]:
+    """DAPO-Math-17k's hub layout (prompt as chat messages with the DAPO instruction,
+    reward_model.ground_truth), each question repeated ``copies`` times as on the hub, with a
+    problem that has two answers and one with JSON-escape damage."""
+    problems = [(f"What is {i} + {i}?", str(2 * i)) for i in range(30)]
+    problems += [("Find x if x = 3.", "3"), ("Find x if x = 3.", "4"),  # a conflict
+                 ("Compute \x0crac{1}{2} + \x0crac{1}{2}.", "1")]  # \frac damaged
+    rows = []
+    for _ in range(copies):
+        for problem, answer in problems:
+            rows.append({"data_source": "math_dapo",
+                         "prompt": [{"role": "user",
+                                     "content": data.DAPO_PREFIX + problem + data.DAPO_SUFFIX}],
+                         "ability": "MATH",
+                         "reward_model": {"ground_truth": answer, "style": "rule-lighteval"},
+                         "extra_info": {"index": str(len(rows))}})
+    return rows
+
+
+def test_hub_layout_with_repeats_loads_as_the_row_by_row_path(tmp_path, monkeypatch):
+    """The columnar loader (each repeated question materialised once) gives the questions and
+    the cleaning report the row-by-row path gives on the same rows, from a parquet file and
+    from a datasets.Dataset as the hub returns it."""
+    rows = _hub_layout_rows(copies=5)
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    parquet = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the conflict warning
+        by_row = load_questions(str(jsonl))
+        columnar = load_questions(str(parquet))
+        monkeypatch.setattr(datasets, "load_dataset",
+                            lambda *a, **k: datasets.Dataset.from_parquet(str(parquet)))
+        from_hub = load_questions("dapo17k")
+    assert from_hub.origin == "BytedTsinghua-SIA/DAPO-Math-17k"
+    # by hand: 33 rows × 5 copies in, the conflicting pair out, 31 questions kept
+    assert by_row.report.rows_in == 165 and len(by_row) == 31
+    assert by_row.report.duplicates_dropped == 31 * 4 and by_row.report.conflicts_dropped == 10
+    for loaded in (columnar, from_hub):
+        assert [(q.id, q.problem, q.answer) for q in loaded] == \
+            [(q.id, q.problem, q.answer) for q in by_row]
+        ours, theirs = asdict(loaded.report), asdict(by_row.report)
+        # the conflicting problem's rows are named once each (the ids of their first copies),
+        # not once per copy
+        assert ours.pop("conflict_ids") == ["30", "31"]
+        assert set(theirs.pop("conflict_ids")) >= {"30", "31"}
+        assert ours == theirs
+    assert "\\frac{1}{2}" in by_row[-1].problem

@@ -17,9 +17,18 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nftune.verify import MAX_ANSWER_CHARS
+
+if TYPE_CHECKING:
+    from pyarrow import Table as _Table
+
+
+def _is_table(rows: object) -> bool:
+    """A pyarrow Table (checked without importing pyarrow for the JSON paths)."""
+    return type(rows).__name__ == "Table" and type(rows).__module__.startswith("pyarrow")
+
 
 DATA_DIR_ENV = "NFTUNE_DATA_DIR"
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -99,29 +108,34 @@ def load_questions(name_or_path: str, data_dir: str | os.PathLike | None = None,
     path = Path(name_or_path)
     data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
     if path.suffix in LOCAL_SUFFIXES or path.exists():
-        rows, origin = _read_local(path), str(path)
-        schema = HubSet("", "", _detect_schema(rows))
+        rows, origin, schema = _read_local(path), str(path), None
     elif name_or_path in KNOWN_SETS:
         spec = KNOWN_SETS[name_or_path]
         local = _find_local(name_or_path, data_dir)
         if local is not None:
-            rows, origin = _read_local(local), str(local)
-            schema = HubSet("", "", _detect_schema(rows))
+            rows, origin, schema = _read_local(local), str(local), None
         else:
             rows, origin, schema = _read_hub(spec.repo, spec.config, spec.split), spec.repo, spec
     elif "/" in name_or_path and not path.exists():
         repo, _, split = name_or_path.partition(":")
-        rows = _read_hub(repo, None, split or "train")
-        origin, schema = repo, HubSet(repo, split or "train", _detect_schema(rows))
+        rows, origin, schema = _read_hub(repo, None, split or "train"), repo, None
     else:
         raise FileNotFoundError(f"{name_or_path}: no such file, and not a known set "
                                 f"({', '.join(KNOWN_SETS)}) or hub id")
-    if not rows:
+    if not len(rows):
         raise ValueError(f"{origin}: the question set is empty")
-    questions = [_normalise(row, schema, origin, i + 1) for i, row in enumerate(rows)]
-    report = CleaningReport(rows_in=len(questions))
+    if schema is None:
+        first = rows.slice(0, 1).to_pylist() if _is_table(rows) else rows[:1]
+        schema = HubSet("", "", _detect_schema(first))
+    counts = None
+    if _is_table(rows):  # columnar: identical questions are counted, not copied
+        rows, counts, numbers = unique_rows(rows, schema) if clean else \
+            (rows.to_pylist(), None, None)
+    questions = [_normalise(row, schema, origin, (numbers[i] if counts else i) + 1)
+                 for i, row in enumerate(rows)]
+    report = CleaningReport(rows_in=sum(counts) if counts else len(questions))
     if clean:
-        questions, report = clean_questions(questions)
+        questions, report = clean_questions(questions, counts)
     if not questions:
         raise ValueError(f"{origin}: no questions left after cleaning")
     if limit is not None:
@@ -155,13 +169,13 @@ def _find_local(name: str, data_dir: str | os.PathLike | None) -> Path | None:
     return None
 
 
-def _read_local(path: Path) -> list[dict]:
+def _read_local(path: Path) -> list[dict] | _Table:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        return pq.read_table(path)
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
         try:
@@ -184,7 +198,7 @@ def _read_local(path: Path) -> list[dict]:
     return rows
 
 
-def _read_hub(repo: str, config: str | None, split: str) -> list[dict]:
+def _read_hub(repo: str, config: str | None, split: str) -> _Table:
     import datasets
 
     try:
@@ -192,7 +206,98 @@ def _read_hub(repo: str, config: str | None, split: str) -> list[dict]:
     except Exception as err:  # offline, unknown repo, missing split
         raise FileNotFoundError(f"{repo}: cannot load from the hub ({type(err).__name__}: "
                                 f"{err}); pass a local file or --data-dir") from None
-    return ds.to_list()
+    return dataset_table(ds)
+
+
+def dataset_table(ds) -> _Table:
+    """A ``datasets.Dataset``'s rows as one Arrow table (memory-mapped where the cache is)."""
+    return ds.with_format("arrow")[:]
+
+
+def _key_batches(table: _Table, schema: HubSet):
+    """The raw (problems, answers) of ``table``'s rows as Python lists, a record batch at a
+    time; None where the layout is not the expected one (the row-by-row path then reports
+    the problem). Only one batch's strings are held at once."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    names = table.column_names
+    if schema.schema == "dapo":
+        if not {"prompt", "reward_model"} <= set(names):
+            return None
+        columns = ["prompt", "reward_model"]
+    else:
+        pkey = schema.problem_key if schema.problem_key in names else next(
+            (k for k in _PROBLEM_KEYS if k in names), None)
+        akey = schema.answer_key if schema.answer_key in names else next(
+            (k for k in _ANSWER_KEYS if k in names), None)
+        if pkey is None or akey is None:
+            return None
+        columns = [pkey, akey]
+
+    def batches():
+        for batch in table.select(columns).to_batches(max_chunksize=8192):
+            first, second = batch.column(0), batch.column(1)
+            if schema.schema == "dapo":
+                if first.null_count or pc.min(pc.list_value_length(first)).as_py() < 1:
+                    raise _LayoutError
+                offsets = first.offsets.to_numpy()
+                last = first.values.take(pa.array(offsets[1:] - 1))  # each prompt's last message
+                first = pc.struct_field(last, "content")
+                second = pc.struct_field(second, "ground_truth")
+            yield first.to_pylist(), second.cast(pa.string()).to_pylist()
+
+    return batches()
+
+
+class _LayoutError(Exception):
+    """A batch is not in the layout its schema describes."""
+
+
+def unique_rows(table: _Table, schema: HubSet) -> tuple[list[dict], list[int] | None,
+                                                         list[int] | None]:
+    """The rows of ``table`` with each (problem, answer) pair once — the first occurrence, in
+    order — with how often it occurs and its row index; only those rows become Python dicts
+    (DAPO-Math-17k on the hub repeats each of its 17,917 rows 100 times), the others are read
+    a batch at a time. Falls back to every row (counts None) where the columns are not the
+    expected ones."""
+    import pyarrow as pa
+
+    keys = _key_batches(table, schema)
+    if keys is None:
+        return table.to_pylist(), None, None
+    first: dict[tuple, int] = {}
+    counts: dict[tuple, int] = {}
+    row = 0
+    try:
+        for problems, answers in keys:
+            for key in zip(problems, answers, strict=True):
+                if key in counts:
+                    counts[key] += 1
+                else:
+                    first[key], counts[key] = row, 1
+                row += 1
+    except (_LayoutError, KeyError, pa.ArrowException):
+        return table.to_pylist(), None, None
+    index = list(first.values())  # ascending: the order of first occurrence
+    return _take_rows(table, index), [counts[k] for k in first], index
+
+
+def _take_rows(table: _Table, index: list[int]) -> list[dict]:
+    """The rows at ascending ``index`` as dicts, a record batch at a time (``Table.take``
+    would first join each column's chunks into one copy)."""
+    import bisect
+
+    import pyarrow as pa
+
+    rows: list[dict] = []
+    start = 0
+    for batch in table.to_batches():
+        lo, hi = bisect.bisect_left(index, start), bisect.bisect_left(index, start + len(batch))
+        if hi > lo:
+            rows += batch.take(pa.array([i - start for i in index[lo:hi]])).to_pylist()
+        start += len(batch)
+    return rows
 
 
 def _detect_schema(rows: list[dict]) -> str:
@@ -328,18 +433,22 @@ def strip_dapo_prompt(problem: str) -> tuple[str, bool]:
     return problem.strip(), stripped
 
 
-def clean_questions(questions: Iterable[Question]) -> tuple[list[Question], CleaningReport]:
-    """Strip the DAPO prompt, repair escapes, drop duplicates and conflicting answers."""
+def clean_questions(questions: Iterable[Question], counts: list[int] | None = None
+                    ) -> tuple[list[Question], CleaningReport]:
+    """Strip the DAPO prompt, repair escapes, drop duplicates and conflicting answers.
+    ``counts``: how many times each question occurred in the source (its identical copies
+    were not materialised); the report counts every copy."""
     questions = list(questions)
-    report = CleaningReport(rows_in=len(questions))
+    counts = counts or [1] * len(questions)
+    report = CleaningReport(rows_in=sum(counts))
     fixed = []
-    for q in questions:
+    for q, n in zip(questions, counts, strict=True):
         problem, stripped = strip_dapo_prompt(q.problem)
         problem, repaired, dropped = repair_text(problem)
         answer, repaired_a, dropped_a = repair_text(q.answer)
-        report.prefix_stripped += stripped
-        report.escapes_repaired += repaired + repaired_a
-        report.control_chars_dropped += dropped + dropped_a
+        report.prefix_stripped += stripped * n
+        report.escapes_repaired += (repaired + repaired_a) * n
+        report.control_chars_dropped += (dropped + dropped_a) * n
         fixed.append(Question(q.id, problem, answer.strip(), q.source, q.extra))
     answers: dict[str, set[str]] = defaultdict(set)
     ids: dict[str, list[str]] = defaultdict(list)
@@ -355,14 +464,15 @@ def clean_questions(questions: Iterable[Question]) -> tuple[list[Question], Clea
                       f"{' ...' if len(report.conflict_ids) > 10 else ''})", stacklevel=2)
     seen: set[str] = set()
     kept = []
-    for q in fixed:
+    for q, n in zip(fixed, counts, strict=True):
         if q.problem in conflicting:
-            report.conflicts_dropped += 1
+            report.conflicts_dropped += n
         elif q.problem in seen:
-            report.duplicates_dropped += 1
+            report.duplicates_dropped += n
         else:
             seen.add(q.problem)
             kept.append(q)
+            report.duplicates_dropped += n - 1
     report.rows_out = len(kept)
     return kept, report
 
