@@ -35,3 +35,6 @@ for lp in generate recompute; do
   timeout 40 python3 benchmarks/profile_step.py --device cuda --cache "$CACHE" \
       --old-logprobs $lp 2>&1 | tee -a "$OUT/profile_cuda.txt"
 done
+echo "== memory of one update step on cuda (Qwen2.5-1.5B shape, random weights)"
+timeout ${MEMORY_LIMIT:-300} python3 benchmarks/memory.py --arch qwen2.5-1.5b --device cuda \
+    --only before,default,all --rows 4 --tokens 1024 2>&1 | grep -v Warning | tee "$OUT/memory_cuda.txt"

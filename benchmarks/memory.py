@@ -2,7 +2,13 @@
 nftune's options one at a time and together, and TRL's GRPOTrainer on the same batch.
 
 Usage: python benchmarks/memory.py [--arch qwen2.5-0.5b] [--rows 4] [--tokens 1024]
-                                   [--only before,default,...]
+                                   [--only before,default,...] [--device cpu|cuda]
+       python benchmarks/memory.py --table [--rows 4 --tokens 4032]
+
+On ``--device cuda`` the figure is CUDA's peak allocator figure
+(``torch.cuda.max_memory_allocated``, what tensors held at the worst moment, without the
+caching allocator's slack or the CUDA context), and the memory model is compared without its
+CPU-process overhead.
 
 A model built from Qwen2.5-0.5B's config with random weights (vocabulary 151,936) takes one
 optimizer step on one micro-batch of ``rows`` answers × ``tokens`` response tokens (after a
@@ -78,7 +84,7 @@ def _batch(rows: int, tokens: int, vocab: int):
         correct=torch.tensor([1.0, 0.0] * (rows // 2)), r_hat=torch.full((rows,), 0.5))
 
 
-def run_nftune(name: str, model_dir: str, rows: int, tokens: int) -> dict:
+def run_nftune(name: str, model_dir: str, rows: int, tokens: int, device: str = "cpu") -> dict:
     import torch
 
     from nftune import update
@@ -88,24 +94,37 @@ def run_nftune(name: str, model_dir: str, rows: int, tokens: int) -> dict:
 
     logits, ckpt, lora, bf16_base = OPTIONS[name]
     update.LOGPROBS_FROM_HIDDEN_STATES = not logits
-    cfg = build_config(None, dict(model=model_dir, train_data="unused", device="cpu",
+    cfg = build_config(None, dict(model=model_dir, train_data="unused", device=device,
                                   minibatches=1, micro_batch_tokens=rows * (PROMPT + tokens),
                                   warmup_steps=0, lr=1e-6, gradient_checkpointing=ckpt,
                                   lora_rank=16 if lora else 0,
                                   base_dtype="bfloat16" if bf16_base else "float32"))
     torch.manual_seed(0)
-    model, _ = build_policy(cfg, torch.device("cpu"))
-    loaded = _current_rss_gb()
+    model, _ = build_policy(cfg, torch.device(device))
+    loaded = _current_rss_gb() if device == "cpu" else torch.cuda.memory_allocated() / 2**30
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     batch = _batch(rows, tokens, model.config.vocab_size)
+    if device != "cpu":
+        batch = _to(batch, device)
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     metrics, _ = update_policy(model, optimizer, scheduler, batch, cfg, 0)
     assert metrics["optimizer_steps"] == 1, metrics
     return {"loaded_gb": loaded, "seconds": time.perf_counter() - start}
 
 
-def run_trl(name: str, model_dir: str, rows: int, tokens: int) -> dict:
+def _to(batch, device: str):
+    import dataclasses
+
+    import torch
+
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device)
+                                         for f in dataclasses.fields(batch)
+                                         if isinstance(getattr(batch, f.name), torch.Tensor)})
+
+
+def run_trl(name: str, model_dir: str, rows: int, tokens: int, device: str = "cpu") -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
@@ -114,10 +133,11 @@ def run_trl(name: str, model_dir: str, rows: int, tokens: int) -> dict:
     from nftune.policy import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    loaded = _current_rss_gb()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    loaded = _current_rss_gb() if device == "cpu" else torch.cuda.memory_allocated() / 2**30
     config = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=rows,
-                        num_generations=rows, max_completion_length=tokens, use_cpu=True,
+                        num_generations=rows, max_completion_length=tokens,
+                        use_cpu=device == "cpu",
                         report_to=[], learning_rate=1e-6, logging_steps=1, save_strategy="no",
                         bf16=False,
                         **({} if name == "trl" else {"gradient_checkpointing": False}))
@@ -125,9 +145,12 @@ def run_trl(name: str, model_dir: str, rows: int, tokens: int) -> dict:
     trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **_: [0.0] * len(
         completions), args=config, train_dataset=data, processing_class=tokenizer)
     batch = _batch(rows, tokens, model.config.vocab_size)
+    if device != "cpu":
+        batch = _to(batch, device)
+        torch.cuda.reset_peak_memory_stats()
     completion_mask = batch.response_mask
     inputs = {"prompt_ids": batch.input_ids[:, :PROMPT],
-              "prompt_mask": torch.ones(rows, PROMPT, dtype=torch.long),
+              "prompt_mask": torch.ones(rows, PROMPT, dtype=torch.long, device=device),
               "completion_ids": batch.input_ids[:, PROMPT:], "completion_mask": completion_mask,
               "advantages": batch.correct * 2 - 1,
               "num_items_in_batch": completion_mask.sum().float()}
@@ -207,10 +230,16 @@ def print_table(rows: int = 4, tokens: int = 1024) -> None:
             print(f"| {arch} | {label} | {gib:.1f} | " + " | ".join(fits) + " |")
 
 
-def worker(name: str, model_dir: str, rows: int, tokens: int) -> None:
+def worker(name: str, model_dir: str, rows: int, tokens: int, device: str = "cpu") -> None:
     run = run_trl if name.startswith("trl") else run_nftune
-    result = run(name, model_dir, rows, tokens)
-    result.update(name=name, peak_gb=_rss_gb())
+    result = run(name, model_dir, rows, tokens, device)
+    if device == "cpu":
+        peak = _rss_gb()
+    else:
+        import torch
+
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    result.update(name=name, peak_gb=peak)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -220,31 +249,36 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--only", default=",".join(CONFIGS))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--table", action="store_true",
                         help="print the memory model's table for 0.5B / 1.5B / 7B and stop")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.model_dir, args.rows, args.tokens)
+        worker(args.worker, args.model_dir, args.rows, args.tokens, args.device)
         return
 
     from rollout_engines import ARCHS, build_model_dir
 
     if args.table:
-        print_table()
+        print_table(args.rows, args.tokens)
         return
 
     with tempfile.TemporaryDirectory() as tmp:
         build_model_dir(args.arch, tmp, "float32")
+        what = "peak RSS per process" if args.device == "cpu" else \
+            "CUDA peak allocated per process (torch.cuda.max_memory_allocated)"
         print(f"{args.arch}, random weights, float32 on disk; one update step on {args.rows} "
-              f"answers × {args.tokens} tokens (+ {PROMPT}-token prompts); peak RSS per process")
+              f"answers × {args.tokens} tokens (+ {PROMPT}-token prompts) on {args.device}; "
+              + what)
         results = {}
         for name in args.only.split(","):
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get(
                 "MALLOC_MMAP_THRESHOLD_", "131072")}
             proc = subprocess.run([sys.executable, __file__, "--worker", name, "--model-dir", tmp,
-                                   "--rows", str(args.rows), "--tokens", str(args.tokens)],
+                                   "--rows", str(args.rows), "--tokens", str(args.tokens),
+                                   "--device", args.device],
                                   capture_output=True, text=True, env=env)
             lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode or not lines:
@@ -256,6 +290,8 @@ def main() -> None:
                 logits, ckpt, lora, bf16_base = OPTIONS[name]
                 predicted = predict_gib(ARCHS[args.arch], args.rows, args.tokens, logits=logits,
                                         ckpt=ckpt, lora=lora, bf16_base=bf16_base)
+                if args.device != "cpu":  # tensors only: no Python process in the figure
+                    predicted -= OVERHEAD_GIB
                 model = f"; memory model {predicted:5.2f} GiB ({predicted / r['peak_gb'] - 1:+.0%})"
             print(f"  {name:12s} peak {r['peak_gb']:6.2f} GiB (step {r['seconds']:6.1f} s{model})",
                   flush=True)

@@ -56,7 +56,7 @@ class DemoSettings:
             lr=self.lr, lr_schedule=self.lr_schedule, warmup_steps=self.warmup_steps,
             minibatches=self.minibatches,
             gen_batch_size=256, eval_every=self.eval_every, eval_temperature=1.0,
-            # a 0.4 M-parameter model: recomputing activations would cost time and save nothing
+            # a 0.42 M-parameter model: recomputing activations would cost time and save nothing
             gradient_checkpointing=False, reward=TASKS[self.base.task])
 
 
