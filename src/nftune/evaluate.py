@@ -278,7 +278,12 @@ def evaluate_model(model_path: str, benchmarks: list[str], verifier: Verifier, *
             generation_config = GenerationConfig.from_pretrained(model_path)
         except OSError:  # no generation_config.json: the tokenizer's EOS ends answers
             generation_config = None
-        engine = VLLMEngine(model_path, tokenizer, dtype="auto", seed=seed,
+        from nftune.artifact import declared_dtype
+
+        # the dtype the model declares: vLLM's "auto" would run a float32 model in half
+        # precision
+        dtype = str(declared_dtype(model_path)).removeprefix("torch.")
+        engine = VLLMEngine(model_path, tokenizer, dtype=dtype, seed=seed,
                             generation_config=generation_config)
     elif engine_name == "hf":
         model, tokenizer = load_policy(model_path, pick_device(device))
