@@ -21,3 +21,16 @@ def run_cli(*args) -> CliResult:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main([str(a) for a in args])
     return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def tiny_run_config(model, files, out, **overrides):
+    """A few-second run on the tiny base and the arithmetic files (conftest's fixtures):
+    the settings every trainer test starts from, ``overrides`` on top."""
+    from nftune.config import build_config
+
+    values = dict(model=str(model), train_data=str(files["train"]), template="raw",
+                  output_dir=str(out), steps=2, prompts_per_step=4, answers_per_prompt=4,
+                  max_new_tokens=24, lr=1e-3, warmup_steps=1, minibatches=2, save_every=0,
+                  verify_workers=1, gen_batch_size=64, seed=3)
+    values.update(overrides)
+    return build_config(None, values)

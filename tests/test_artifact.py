@@ -8,18 +8,12 @@ import os
 import pytest
 import torch
 import yaml
+from helpers import tiny_run_config
 
 from nftune.config import build_config
 from nftune.train import Trainer, train
 
-
-def run_config(base, files, out, **kw):
-    values = dict(model=str(base), train_data=str(files["train"]), template="raw",
-                  output_dir=str(out), steps=2, prompts_per_step=4, answers_per_prompt=4,
-                  max_new_tokens=24, lr=1e-3, warmup_steps=1, minibatches=2, save_every=0,
-                  verify_workers=1, gen_batch_size=64, seed=3)
-    values.update(kw)
-    return build_config(None, values)
+run_config = tiny_run_config
 
 
 @pytest.fixture(scope="module")
