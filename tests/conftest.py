@@ -32,3 +32,21 @@ def arithmetic_files(tmp_path_factory) -> dict[str, Path]:
                                       for q in make_questions(n, split, 0, 1)))
     return out
 
+
+
+@pytest.fixture(autouse=True)
+def _registries_restored():
+    """Whatever a test registers (objectives, prompt weights, plugin modules) is gone after it,
+    so no test passes or fails because of the order the files run in."""
+    import sys
+
+    from nftune.objectives import OBJECTIVES, PROMPT_WEIGHTS
+
+    saved = dict(OBJECTIVES), dict(PROMPT_WEIGHTS)
+    modules = {name for name in sys.modules if name.startswith("nftune_plugin_")}
+    yield
+    for registry, before in zip((OBJECTIVES, PROMPT_WEIGHTS), saved, strict=True):
+        registry.clear()
+        registry.update(before)
+    for name in [n for n in sys.modules if n.startswith("nftune_plugin_") and n not in modules]:
+        del sys.modules[name]

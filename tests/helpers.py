@@ -23,14 +23,24 @@ def run_cli(*args) -> CliResult:
     return CliResult(code, out.getvalue(), err.getvalue())
 
 
+# a few-second run on the tiny base and the arithmetic files (conftest's fixtures)
+TINY_RUN = dict(template="raw", steps=3, prompts_per_step=4, answers_per_prompt=4,
+                max_new_tokens=24, lr=1e-3, warmup_steps=1, minibatches=2, save_every=0,
+                verify_workers=1)
+
+
+def tiny_run_values(model, files, out=None, **overrides) -> dict:
+    """The settings every trainer test starts from, ``overrides`` on top (no output_dir when
+    ``out`` is None)."""
+    values = dict(model=str(model), train_data=str(files["train"]), **TINY_RUN)
+    if out is not None:
+        values["output_dir"] = str(out)
+    values.update(overrides)
+    return values
+
+
 def tiny_run_config(model, files, out, **overrides):
-    """A few-second run on the tiny base and the arithmetic files (conftest's fixtures):
-    the settings every trainer test starts from, ``overrides`` on top."""
+    """:func:`tiny_run_values` as a validated TrainConfig."""
     from nftune.config import build_config
 
-    values = dict(model=str(model), train_data=str(files["train"]), template="raw",
-                  output_dir=str(out), steps=2, prompts_per_step=4, answers_per_prompt=4,
-                  max_new_tokens=24, lr=1e-3, warmup_steps=1, minibatches=2, save_every=0,
-                  verify_workers=1, gen_batch_size=64, seed=3)
-    values.update(overrides)
-    return build_config(None, values)
+    return build_config(None, tiny_run_values(model, files, out, **overrides))

@@ -13,7 +13,9 @@ from helpers import tiny_run_config
 from nftune.config import build_config
 from nftune.train import Trainer, train
 
-run_config = tiny_run_config
+
+def run_config(base, files, out, **overrides):
+    return tiny_run_config(base, files, out, **{"steps": 2, "seed": 3, **overrides})
 
 
 @pytest.fixture(scope="module")

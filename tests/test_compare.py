@@ -3,7 +3,7 @@
 import json
 
 import yaml
-from helpers import run_cli
+from helpers import run_cli, tiny_run_values
 
 
 def compare(*args):
@@ -12,10 +12,8 @@ def compare(*args):
 
 def test_compare_runs_reports_and_resumes(tiny_base, arithmetic_files, tmp_path):
     config = tmp_path / "shared.yaml"
-    config.write_text(yaml.safe_dump(dict(
-        model=str(tiny_base), train_data=str(arithmetic_files["train"]), template="raw",
-        steps=2, prompts_per_step=4, answers_per_prompt=4, max_new_tokens=24, lr=1e-3,
-        warmup_steps=1, minibatches=1, save_every=0, verify_workers=1, eval_every=1,
+    config.write_text(yaml.safe_dump(tiny_run_values(
+        tiny_base, arithmetic_files, steps=2, minibatches=1, eval_every=1,
         eval_data=str(arithmetic_files["test"]), eval_k=2, eval_temperature=1.0,
         max_gen_batches=2)))
     out = tmp_path / "cmp"

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_run_config
 
 from nftune.config import build_config
 from nftune.data import PromptSampler, Question
@@ -128,12 +129,8 @@ def test_mask_runs_through_the_first_eos_and_truncated_means_no_eos(policy):
 
 
 def _run(tiny_base, arithmetic_files, out, **kw):
-    cfg = dict(model=str(tiny_base), train_data=str(arithmetic_files["train"]), template="raw",
-               output_dir=str(out), steps=3, prompts_per_step=4, answers_per_prompt=4,
-               max_new_tokens=24, lr=1e-3, warmup_steps=1, minibatches=1, save_every=0,
-               verify_workers=1, seed=2, max_gen_batches=8)
-    cfg.update(kw)
-    train(build_config(None, cfg), progress=False)
+    train(tiny_run_config(tiny_base, arithmetic_files, out, **{
+        "minibatches": 1, "seed": 2, "max_gen_batches": 8, **kw}), progress=False)
     import json
 
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

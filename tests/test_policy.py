@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from helpers import run_cli
+from helpers import run_cli, tiny_run_config
 from safetensors.torch import load_file
 
 from nftune.objectives import compute_loss
@@ -112,10 +112,39 @@ def test_gradient_checkpointing_gives_the_same_update_in_float64(tiny_base):
                                    msg=name)
 
 
-def test_gradient_checkpointing_trains(tiny_base, arithmetic_files, tmp_path):
-    run = tmp_path / "ckpt"
-    _train(tiny_base, arithmetic_files["train"], run, "--gradient-checkpointing", "true")
-    assert (run / "final" / "model.safetensors").exists()
+def test_gradient_checkpointing_recomputes_each_layer_in_backward(tiny_base, arithmetic_files):
+    """What the switch changes: with it (the default) every decoder layer runs its forward
+    again during backward, without it once; the gradient is the same."""
+    from nftune.policy import build_policy
+    from nftune.update import response_logprobs
+
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    grads, calls = {}, {}
+    for ckpt in (True, False):
+        cfg = tiny_run_config(tiny_base, arithmetic_files, None, **(
+            {} if ckpt else {"gradient_checkpointing": False}))
+        assert cfg.gradient_checkpointing is ckpt  # on by default
+        model, _ = build_policy(cfg, CPU)
+        model.train()
+        layers = model.model.layers
+        calls[ckpt] = 0
+
+        def counted(forward, key=ckpt):
+            def run(*args, **kwargs):
+                calls[key] += 1
+                return forward(*args, **kwargs)
+            return run
+
+        for layer in layers:  # (forward hooks do not fire when a checkpoint recomputes)
+            layer.forward = counted(layer.forward)
+        logprobs, _ = response_logprobs(model, ids, torch.ones_like(ids), 3)
+        forwards = calls[ckpt]
+        logprobs.sum().backward()
+        assert forwards == len(layers)
+        grads[ckpt] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert calls[False] == len(layers)  # no recomputation
+    assert calls[True] == 2 * len(layers)  # every layer recomputed in backward
+    torch.testing.assert_close(grads[True], grads[False], atol=1e-6, rtol=1e-5)
 
 
 def test_bf16_first_minibatch_is_on_policy(tiny_base, arithmetic_files):
@@ -125,17 +154,14 @@ def test_bf16_first_minibatch_is_on_policy(tiny_base, arithmetic_files):
     in how answers are packed into micro-batches, measured |log R| ≤ 2.3e-5 on the demo model
     in bf16 (recording π_old while decoding step by step instead: 0.09), so 1e-3 on log R and
     1e-3 relative on the gradient."""
-    from nftune.config import build_config
     from nftune.data import PromptSampler, load_questions
     from nftune.rollout import ENGINES
     from nftune.train import collect_rollout
     from nftune.update import micro_batches
     from nftune.verify import Verifier
 
-    cfg = build_config(None, dict(model=str(tiny_base), train_data=str(arithmetic_files["train"]),
-                                  template="raw", bf16=True, device="cpu", prompts_per_step=8,
-                                  answers_per_prompt=4, max_new_tokens=24,
-                                  micro_batch_tokens=300))
+    cfg = tiny_run_config(tiny_base, arithmetic_files, None, bf16=True, device="cpu",
+                          prompts_per_step=8, micro_batch_tokens=300)
     assert cfg.old_logprobs == "recompute"
     model, tokenizer = load_policy(str(tiny_base), CPU)
     questions = load_questions(cfg.train_data).questions

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli
+from helpers import run_cli, tiny_run_config
 
 from nftune.checkpoint import MANIFEST, CheckpointError, sha256_file
 from nftune.config import build_config
@@ -21,12 +21,8 @@ from nftune.train import train
 
 
 def config(tiny_base, files, out, **kw):
-    base = dict(model=str(tiny_base), train_data=str(files["train"]), template="raw",
-                output_dir=str(out), steps=4, prompts_per_step=4, answers_per_prompt=4,
-                max_new_tokens=24, lr=1e-3, warmup_steps=1, minibatches=2, save_every=1,
-                keep_checkpoints=3, verify_workers=1, seed=5)
-    base.update(kw)
-    return build_config(None, base)
+    return tiny_run_config(tiny_base, files, out, **{
+        "steps": 4, "save_every": 1, "keep_checkpoints": 3, "seed": 5, **kw})
 
 
 def steps_logged(out: Path) -> list[int]:

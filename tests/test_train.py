@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli
+from helpers import run_cli, tiny_run_config
 from safetensors.torch import load_file
 
 from nftune import train as train_module
 from nftune import update as update_module
-from nftune.config import build_config
 from nftune.objectives import overlong_penalty
 from nftune.rollout import Rollout, concat_rollouts
 from nftune.train import train
@@ -26,13 +25,7 @@ TIMING_KEYS = {"time_generate_s", "time_verify_s", "time_update_s", "tokens_per_
                "time_step_s", "time_old_logprobs_s"}
 
 
-def config(tiny_base, files, out, **kw):
-    base = dict(model=str(tiny_base), train_data=str(files["train"]), template="raw",
-                output_dir=str(out), steps=3, prompts_per_step=4, answers_per_prompt=4,
-                max_new_tokens=24, lr=1e-3, warmup_steps=1, minibatches=2, save_every=0,
-                verify_workers=1, gen_batch_size=64)
-    base.update(kw)
-    return build_config(None, base)
+config = tiny_run_config  # (tiny_base, files, out, **overrides)
 
 
 def read_metrics(path: Path) -> list[dict]:
