@@ -154,8 +154,8 @@ def test_bf16_first_minibatch_is_on_policy(tiny_base, arithmetic_files):
     in how answers are packed into micro-batches, measured |log R| ≤ 2.3e-5 on the demo model
     in bf16 (recording π_old while decoding step by step instead: 0.09), so 1e-3 on log R and
     1e-3 relative on the gradient."""
+    from nftune.config import engine_class
     from nftune.data import PromptSampler, load_questions
-    from nftune.rollout import ENGINES
     from nftune.train import collect_rollout
     from nftune.update import micro_batches
     from nftune.verify import Verifier
@@ -167,8 +167,9 @@ def test_bf16_first_minibatch_is_on_policy(tiny_base, arithmetic_files):
     questions = load_questions(cfg.train_data).questions
     torch.manual_seed(0)
     with Verifier(1, 5.0) as verifier:
+        engine = engine_class("hf").from_config(model, tokenizer, cfg)
         batch, _ = collect_rollout(model, tokenizer, questions, PromptSampler(len(questions), 0),
-                                   verifier, cfg, ENGINES["hf"].from_config(model, tokenizer, cfg))
+                                   verifier, cfg, engine)
     assert batch is not None
     first = batch.select(torch.nonzero(batch.group_ids < 4).flatten())  # mini-batch 1 of 2
     n = first.response_mask.sum()

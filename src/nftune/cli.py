@@ -220,6 +220,7 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from nftune import __version__
+    from nftune.config import ENGINES  # light: no torch
 
     parser = argparse.ArgumentParser(
         prog="nftune",
@@ -292,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--responses it picks the answer extraction (default: either form)")
     p.add_argument("--limit", type=int, default=None, help="first N questions of each set")
     p.add_argument("--batch-size", type=int, default=64, help="answers per generate call")
-    p.add_argument("--engine", default="hf", choices=("hf", "vllm"),
+    p.add_argument("--engine", default="hf", choices=sorted(ENGINES),
                    help="generation engine: hf (Hugging Face generate) or vllm (the vllm extra)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)

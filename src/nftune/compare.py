@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from nftune.config import TrainConfig, build_config
+from nftune.config import TrainConfig, build_config, engine_class
 
 CURVES = [("eval", "held-out accuracy"), ("reward_mean", "training reward"),
           ("entropy", "policy entropy per token"), ("response_length", "response length")]
@@ -197,7 +197,6 @@ def evaluate_base(cfg_dict: dict[str, Any], output_dir: Path) -> float:
 
     from nftune.evaluate import evaluate_sets, load_eval_sets
     from nftune.policy import load_policy, pick_device
-    from nftune.rollout import ENGINES
     from nftune.verify import Verifier
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -208,7 +207,7 @@ def evaluate_base(cfg_dict: dict[str, Any], output_dir: Path) -> float:
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_policy(cfg.model, pick_device(cfg.device))
     with Verifier(cfg.verify_workers) as verifier:
-        engine = ENGINES[cfg.rollout_engine].from_config(model, tokenizer, cfg)
+        engine = engine_class(cfg.rollout_engine).from_config(model, tokenizer, cfg)
         metrics = evaluate_sets(engine, tokenizer, load_eval_sets(cfg), verifier, cfg)
     accs = [v for k, v in metrics.items() if "/avg@" in k]
     accuracy = sum(accs) / len(accs)

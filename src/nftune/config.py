@@ -14,6 +14,37 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+# ---------------------------------------------------------------------------------------------
+# Generation engines, declared here so that the config can validate a name without importing
+# torch; the classes live in nftune.rollout. Adding an engine: its class there, one line here.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """A generation engine: where its class is and what the config must know of it."""
+
+    path: str  # "module:Class"
+    # True if generate(record_logprobs=True) gives π_old's log-probs as the trainer's own
+    # forward computes them (then old_logprobs: generate saves that forward)
+    records_logprobs: bool
+
+
+ENGINES: dict[str, EngineSpec] = {
+    "hf": EngineSpec("nftune.rollout:HFEngine", records_logprobs=True),
+    "vllm": EngineSpec("nftune.rollout:VLLMEngine", records_logprobs=False),
+}
+
+
+def engine_class(name: str) -> type:
+    """The class of engine ``name`` (imported on first use)."""
+    import importlib
+
+    if name not in ENGINES:
+        raise ValueError(f"engine: unknown {name!r}; valid: {sorted(ENGINES)}")
+    module, _, cls = ENGINES[name].path.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
 # where and on what a run executes: free to differ on resume (a run directory can move)
 RESUME_FREE_KEYS = ("output_dir", "data_dir", "device", "verify_workers",
                     "vllm_gpu_memory_utilization", "vllm_sleep", "gradient_checkpointing")
@@ -184,8 +215,6 @@ class TrainConfig:
         parse_reward_spec(self.reward)
         if self.eps is not None and not 0.0 < self.eps <= 1.0:
             raise ValueError(f"eps: {self.eps}: NFT's clip ε must lie in (0, 1]")
-        from nftune.rollout import ENGINES
-
         if self.rollout_engine not in ENGINES:
             raise ValueError(f"rollout_engine: unknown {self.rollout_engine!r}; "
                              f"valid: {sorted(ENGINES)}")

@@ -264,32 +264,15 @@ def evaluate_model(model_path: str, benchmarks: list[str], verifier: Verifier, *
     own dtype) and never loads the model into torch."""
     import torch
 
-    from nftune.policy import load_policy, load_tokenizer, pick_device
+    from nftune.config import engine_class
 
     torch.manual_seed(seed)
-    model = None
-    if engine_name == "vllm":
-        from transformers import GenerationConfig
-
-        from nftune.rollout import VLLMEngine
-
-        tokenizer = load_tokenizer(model_path)
-        try:
-            generation_config = GenerationConfig.from_pretrained(model_path)
-        except OSError:  # no generation_config.json: the tokenizer's EOS ends answers
-            generation_config = None
-        from nftune.artifact import declared_dtype
-
-        # the dtype the model declares: vLLM's "auto" would run a float32 model in half
-        # precision
-        dtype = str(declared_dtype(model_path)).removeprefix("torch.")
-        engine = VLLMEngine(model_path, tokenizer, dtype=dtype, seed=seed,
-                            generation_config=generation_config)
-    elif engine_name == "hf":
-        model, tokenizer = load_policy(model_path, pick_device(device))
-        engine = HFEngine(model, tokenizer, batch_size)
-    else:
-        raise ValueError(f"--engine: unknown {engine_name!r}; valid: hf, vllm")
+    try:
+        cls = engine_class(engine_name)
+    except ValueError as err:
+        raise ValueError(f"--{err}") from None
+    engine = cls.for_evaluation(model_path, device=device, batch_size=batch_size, seed=seed)
+    model, tokenizer = getattr(engine, "model", None), engine.tokenizer
     results = []
     for name in benchmarks:
         qs = load_questions(name, data_dir=data_dir, clean=False, limit=limit)

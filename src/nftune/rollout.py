@@ -314,6 +314,17 @@ class GenerationEngine(Protocol):
         """The policy was updated: sample from ``model``'s weights from now on."""
         ...
 
+    @classmethod
+    def from_config(cls, model, tokenizer, cfg) -> GenerationEngine:
+        """The engine a training run samples with, next to its ``model``."""
+        ...
+
+    @classmethod
+    def for_evaluation(cls, model_path: str, *, device: str = "auto", batch_size: int = 64,
+                       seed: int = 0) -> GenerationEngine:
+        """The engine that evaluates the saved model at ``model_path``."""
+        ...
+
 
 class HFEngine:
     """Hugging Face ``generate`` on the trained model itself (nothing to copy after an update)."""
@@ -333,6 +344,15 @@ class HFEngine:
 
         device = pick_device(cfg.device)
         return cls(model, tokenizer, cfg.gen_batch_size, lambda: precision(cfg, device))
+
+    @classmethod
+    def for_evaluation(cls, model_path: str, *, device: str = "auto", batch_size: int = 64,
+                       seed: int = 0) -> HFEngine:
+        """A saved model to evaluate, loaded into torch (float32)."""
+        from nftune.policy import load_policy, pick_device
+
+        model, tokenizer = load_policy(model_path, pick_device(device))
+        return cls(model, tokenizer, batch_size)
 
     def generate(self, prompts: list[str], k: int, *, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
@@ -408,6 +428,24 @@ class VLLMEngine:
             self._push_weights()
 
     @classmethod
+    def for_evaluation(cls, model_path: str, *, device: str = "auto", batch_size: int = 64,
+                       seed: int = 0) -> VLLMEngine:
+        """A saved model to evaluate, loaded by vLLM alone (never into torch), in the dtype its
+        config declares: vLLM's ``auto`` would run a float32 model in half precision."""
+        from transformers import GenerationConfig
+
+        from nftune.artifact import declared_dtype
+        from nftune.policy import load_tokenizer
+
+        try:
+            generation_config = GenerationConfig.from_pretrained(model_path)
+        except OSError:  # no generation_config.json: the tokenizer's EOS ends answers
+            generation_config = None
+        return cls(model_path, load_tokenizer(model_path), seed=seed,
+                   dtype=str(declared_dtype(model_path)).removeprefix("torch."),
+                   generation_config=generation_config)
+
+    @classmethod
     def from_config(cls, model, tokenizer, cfg) -> VLLMEngine:
         return cls(model.name_or_path, tokenizer, model=model,
                    dtype="bfloat16" if cfg.bf16 else "float32", seed=cfg.seed,
@@ -475,7 +513,3 @@ class VLLMEngine:
         self.stale = False
         self.weight_pushes += 1
 
-
-# name → engine class (``from_config(model, tokenizer, cfg)`` builds it); the config key
-# ``rollout_engine`` picks one
-ENGINES: dict[str, type] = {"hf": HFEngine, "vllm": VLLMEngine}

@@ -46,7 +46,7 @@ from nftune.checkpoint import (
     save_checkpoint,
     truncate_metrics,
 )
-from nftune.config import TrainConfig
+from nftune.config import TrainConfig, engine_class
 from nftune.data import PromptSampler, Question, format_prompt, load_questions, strategy_for
 from nftune.evaluate import evaluate_sets, load_eval_sets
 from nftune.objectives import get_objective, overlong_penalty
@@ -59,7 +59,6 @@ from nftune.policy import (
 )
 from nftune.reward import Reward, RewardError, check_values
 from nftune.rollout import (
-    ENGINES,
     GenerationEngine,
     HFEngine,
     Rollout,
@@ -312,7 +311,8 @@ class Trainer:
                 raise
             raise CheckpointError(f"{checkpoint}: cannot load the model "
                                   f"({type(err).__name__}: {err})") from None
-        self.engine = ENGINES[cfg.rollout_engine].from_config(self.model, self.tokenizer, cfg)
+        self.engine = engine_class(cfg.rollout_engine).from_config(self.model, self.tokenizer,
+                                                                   cfg)
         self.questions = load_questions(cfg.train_data, data_dir=cfg.data_dir,
                                         limit=cfg.train_limit)
         self.eval_sets = load_eval_sets(cfg) if cfg.eval_every else {}
