@@ -81,7 +81,7 @@ def _batch(rows: int, tokens: int, vocab: int):
         truncated=torch.zeros(rows, dtype=torch.bool),
         group_ids=torch.zeros(rows, dtype=torch.long),
         texts=[""] * rows, old_logprobs=torch.full((rows, tokens), -12.0),
-        correct=torch.tensor([1.0, 0.0] * (rows // 2)), r_hat=torch.full((rows,), 0.5))
+        reward=torch.tensor([1.0, 0.0] * (rows // 2)), r_hat=torch.full((rows,), 0.5))
 
 
 def run_nftune(name: str, model_dir: str, rows: int, tokens: int, device: str = "cpu") -> dict:
@@ -152,7 +152,7 @@ def run_trl(name: str, model_dir: str, rows: int, tokens: int, device: str = "cp
     inputs = {"prompt_ids": batch.input_ids[:, :PROMPT],
               "prompt_mask": torch.ones(rows, PROMPT, dtype=torch.long, device=device),
               "completion_ids": batch.input_ids[:, PROMPT:], "completion_mask": completion_mask,
-              "advantages": batch.correct * 2 - 1,
+              "advantages": batch.reward * 2 - 1,
               "num_items_in_batch": completion_mask.sum().float()}
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's training loop

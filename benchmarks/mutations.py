@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
     "truncated answers not forced wrong": [
-        ("train.py", "        correct = correct * (~rollout.truncated).float()", "        pass")],
+        ("train.py", "    reward = reward * (~rollout.truncated).float()", "    pass")],
     "response mask stops before the EOS": [
         ("rollout.py", "response_mask = ((is_eos.long().cumsum(1) - is_eos.long()) == 0).long()",
          "response_mask = (is_eos.long().cumsum(1) == 0).long()")],
@@ -35,13 +35,13 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
         ("evaluate.py", 'return template or DEFAULT_TEMPLATE.get(name, "boxed")',
          'return template or "boxed"')],
     "recompute path swaps log-probs and entropy": [
-        ("train.py", "batch_rollout.old_logprobs, batch_rollout.entropy = recompute_logprobs(",
-         "batch_rollout.entropy, batch_rollout.old_logprobs = recompute_logprobs(")],
+        ("train.py", "    return replace(rollout, old_logprobs=old, entropy=entropy)",
+         "    return replace(rollout, old_logprobs=entropy, entropy=old)")],
     "CLI check of unknown --algos removed": [
         ("cli.py", "    check_algos(algos)  # before reading any file", "    pass  #")],
     "r̂ repeated in the wrong order": [
-        ("train.py", "rollout.r_hat = correct.view(-1, k).mean(1).repeat_interleave(k)",
-         "rollout.r_hat = correct.view(-1, k).mean(1).repeat(k)")],
+        ("train.py", "r_hat=groups.mean(1).repeat_interleave(k)",
+         "r_hat=groups.mean(1).repeat(k)")],
     "gradient clipping off": [
         ("update.py", "clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf",
          "clip = math.inf")],

@@ -89,7 +89,7 @@ def main() -> None:
     verifier.verify = timer.wrap("verify", verifier.verify)
     T.recompute_logprobs = timer.wrap("old log-probs: no-grad forward", T.recompute_logprobs)
     U.response_logprobs = timer.wrap("update: forward", U.response_logprobs)
-    U.compute_loss = timer.wrap("update: loss", U.compute_loss)
+    U.objective_loss = timer.wrap("update: loss", U.objective_loss)
     backward = torch.Tensor.backward
     torch.Tensor.backward = timer.wrap("update: backward", backward)
     torch.nn.utils.clip_grad_norm_ = timer.wrap("update: grad clip", torch.nn.utils.clip_grad_norm_)

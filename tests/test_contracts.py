@@ -73,7 +73,7 @@ def test_rewards_truncation_and_r_hat_by_hand():
     cut = [False, True, False, False] + [False] * 8
     batch, stats = scripted_run([verdicts], [cut], k=4, prompts_per_step=3,
                                 dynamic_sampling=False, minibatches=1)
-    batch_correct = batch.correct.tolist()
+    batch_correct = batch.reward.tolist()
     assert batch_correct == [1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1]
     assert batch.r_hat.tolist() == [0.25] * 4 + [0.0] * 4 + [1.0] * 4
     assert stats.reward_mean == pytest.approx(5 / 12)
@@ -92,7 +92,7 @@ def test_dynamic_sampling_keeps_exactly_the_mixed_groups_and_refills():
     assert stats.gen_batches == 2 and stats.generated_answers == 16
     assert len(batch) == 8 and batch.group_ids.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     assert batch.r_hat.tolist() == [0.5] * 8
-    assert batch.correct.tolist() == [1, 0, 0, 1, 0, 1, 1, 0]
+    assert batch.reward.tolist() == [1, 0, 0, 1, 0, 1, 1, 0]
     assert stats.kept_fraction == pytest.approx(4 / 8)
 
 

@@ -40,9 +40,10 @@ def make_batch(groups=4, k=4, t=6, seed=0, r_hat_values=None, spread=0.3):
     return logprobs, old, mask, correct, r_hat, group_ids
 
 
-def grad_of(algo, logprobs, *args, **kw):
+def grad_of(algo, logprobs, old, mask, reward, r_hat, group_ids=None, num_tokens=None, **kw):
     lp = logprobs.clone().requires_grad_(True)
-    loss, metrics = compute_loss(algo, lp, *args, **kw)
+    loss, metrics = compute_loss(algo, lp, old, mask, reward, r_hat, group_ids=group_ids,
+                                 num_tokens=num_tokens, **kw)
     loss.backward()
     return loss.detach(), lp.grad, metrics
 
@@ -254,14 +255,14 @@ def test_bad_inputs_name_the_argument():
         (dict(algo="ppo"), "algo"),
         (dict(old_logprobs=old[:, :3]), "old_logprobs"),
         (dict(mask=mask[:3]), "mask"),
-        (dict(correct=correct[:3]), "correct"),
+        (dict(reward=correct[:3]), "reward"),
         (dict(r_hat=r_hat * 2), "r_hat"),
         (dict(logprobs=lp.clone().fill_(float("nan"))), "logprobs"),
         (dict(hp={"weight": "sqrt"}), "weight"),
         (dict(hp={"epsilon": 0.1}), "hparams"),
     ]
     for override, name in cases:
-        kw = dict(algo="nft", logprobs=lp, old_logprobs=old, mask=mask, correct=correct,
+        kw = dict(algo="nft", logprobs=lp, old_logprobs=old, mask=mask, reward=correct,
                   r_hat=r_hat)
         hp = override.pop("hp", {})
         kw.update(override)
@@ -332,7 +333,7 @@ def test_nft_clip_fraction_is_of_wrong_answers_and_ignores_float_noise():
 
 def test_infonca_logs_no_placeholder_clip_fraction():
     _, old, mask, correct, r_hat, gid = make_batch()
-    _, m = compute_loss("infonca", old.clone(), old, mask, correct, r_hat, gid)
+    _, m = compute_loss("infonca", old.clone(), old, mask, correct, r_hat, group_ids=gid)
     assert "clip_fraction" not in m
 
 
@@ -350,8 +351,8 @@ def test_token_weights_scale_each_tokens_loss_and_gradient():
     expected = torch.tensor([[0.0, -1.1 * 0.5], [0.0, 0.9 * 3]], dtype=torch.float64) / 4
     torch.testing.assert_close(lp.grad, expected, atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="token_weights: 'infonca' is not a token-mean"):
-        compute_loss("infonca", lp.detach(), old, mask, correct, r_hat, torch.tensor([0, 0]),
-                     token_weights=w)
+        compute_loss("infonca", lp.detach(), old, mask, correct, r_hat,
+                     group_ids=torch.tensor([0, 0]), token_weights=w)
 
 
 def test_truncated_is_weights_by_hand():

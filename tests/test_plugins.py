@@ -18,11 +18,11 @@ CALLS = []
 
 
 @register_objective("toy_sft", dynamic_sampling=False, whole_groups=True,
-                    signal=lambda correct, r_hat: correct > 0)
+                    signal=lambda reward, r_hat: reward > 0)
 def toy_sft(x, *, alpha=1.0):
     groups, counts = torch.unique(x.group_ids, return_counts=True)
-    CALLS.append({"alpha": alpha, "group_sizes": counts.tolist(), "rows": len(x.correct)})
-    pos = -alpha * x.correct[:, None] * x.log_ratio
+    CALLS.append({"alpha": alpha, "group_sizes": counts.tolist(), "rows": len(x.reward)})
+    pos = -alpha * x.reward[:, None] * x.log_ratio
     return token_mean_loss({"loss": pos, "loss_pos": pos, "loss_neg": 0 * pos}, x)
 '''
 

@@ -181,12 +181,13 @@ def test_bf16_first_minibatch_is_on_policy(tiny_base, arithmetic_files):
                                             piece.prompt_len)
         logprobs.retain_grad()
         loss, metrics = compute_loss("nft", logprobs, piece.old_logprobs, piece.response_mask,
-                                     piece.correct, piece.r_hat, piece.group_ids, n)
+                                     piece.reward, piece.r_hat, group_ids=piece.group_ids,
+                                     num_tokens=n)
         loss.backward()
         mask = piece.response_mask.bool()
         assert (logprobs - piece.old_logprobs).abs()[mask].max().item() < 1e-3
         assert abs(loss.item()) < 1e-3
-        r, r_hat = piece.correct[:, None], piece.r_hat[:, None]
+        r, r_hat = piece.reward[:, None], piece.r_hat[:, None]
         expected = -(1 - r_hat) * (r - (1 - r) * r_hat / (1 - r_hat)) / n * piece.response_mask
         informative = ((r_hat > 0) & (r_hat < 1)).expand_as(mask) & mask
         torch.testing.assert_close(logprobs.grad[informative], expected[informative].float(),

@@ -116,7 +116,7 @@ def test_a_model_that_is_never_right_changes_nothing(tiny_base, tmp_path, algo):
 
 def test_nan_loss_skips_then_stops_keeping_the_last_checkpoint(tiny_base, arithmetic_files,
                                                                tmp_path, monkeypatch):
-    real = update_module.compute_loss
+    real = update_module.objective_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kw):
@@ -124,7 +124,7 @@ def test_nan_loss_skips_then_stops_keeping_the_last_checkpoint(tiny_base, arithm
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] > 2 else loss), metrics
 
-    monkeypatch.setattr(update_module, "compute_loss", poisoned)
+    monkeypatch.setattr(update_module, "objective_loss", poisoned)
     out = tmp_path / "run"
     cfg = config(tiny_base, arithmetic_files, out, steps=10, minibatches=1, save_every=1,
                  prompts_per_step=8, max_gen_batches=8, micro_batch_tokens=100_000,
@@ -241,8 +241,8 @@ def test_the_update_does_not_depend_on_micro_batching(tiny_base, arithmetic_file
                                                   for q in questions], 4, max_new_tokens=40,
                                record_logprobs=True)
     assert len(set(rollout.response_lengths.tolist())) > 2
-    rollout.correct = torch.tensor([1., 0, 0, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 0])
-    rollout.r_hat = rollout.correct.view(4, 4).mean(1).repeat_interleave(4)
+    rollout.reward = torch.tensor([1., 0, 0, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 0])
+    rollout.r_hat = rollout.reward.view(4, 4).mean(1).repeat_interleave(4)
     deltas = []
     for budget in (10**6, 150):
         cfg = config(tiny_base, arithmetic_files, tmp_path, algo=algo, minibatches=1,

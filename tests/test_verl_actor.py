@@ -110,7 +110,7 @@ def nftune_first_minibatch(model_dir: Path, batch: dict, old: dict, loss_mode: s
                       response_mask=response_mask, truncated=torch.zeros(len(rows), dtype=bool),
                       group_ids=torch.tensor([int(u[1:]) for u in uids]), texts=[""] * len(rows),
                       old_logprobs=old_lp,
-                      correct=torch.tensor([answers[i]["score"] for i in rows]),
+                      reward=torch.tensor([answers[i]["score"] for i in rows]),
                       r_hat=torch.tensor([r_hat[u] for u in uids]))
     cfg = build_config(overrides={"model": str(model_dir), "algo": loss_mode, "minibatches": 1,
                                   "micro_batch_tokens": 10**6, "temperature": 1.0,

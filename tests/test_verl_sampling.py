@@ -36,13 +36,14 @@ def test_recipes_filter_groups_keeps_mixed_groups_and_refills(tmp_path):
 
     # by hand: the first batch has two uniform groups (q0 all right, q2 all wrong); verl's sync
     # mode asks for two new questions per evicted one (4); of those q5 is uniform again, and
-    # the four mixed questions on hand (q1, q3 and two of q4, q6, q7) fill the batch
+    # four of the five mixed questions on hand fill the batch (which four: verl orders them by
+    # the step that asked for them, all step 1 here, so any)
     mixed = {f"q{i}" for i, g in enumerate(GROUPS) if 0 < sum(g) < len(g)}
     assert result["refills"] == [4]
     assert result["produced"] == [f"q{i}" for i in range(8)]
     batch = result["batch"]
     assert len(batch) == BATCH
-    assert {"q1", "q3"} <= set(batch) <= mixed
+    assert set(batch) <= mixed
     for uid, outcomes in batch.items():  # every answer of a kept question reaches the update
         assert outcomes == [bool(x) for x in GROUPS[int(uid[1:])]], uid
         assert 0 < sum(outcomes) < len(outcomes)

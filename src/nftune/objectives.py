@@ -5,14 +5,15 @@ Every objective takes one :class:`ObjectiveInput`, for B answers padded to T tok
     logprobs      (B, T)  log π_θ(a_t | q, a_<t), carries the gradient
     old_logprobs  (B, T)  log π_old(a_t | q, a_<t), recorded at rollout
     mask          (B, T)  1 on response tokens
-    correct       (B,)    verifier outcome r ∈ {0, 1}
+    reward        (B,)    reward r: the verifier's 0/1 (any value in [0, 1] for the GRPO family)
     r_hat         (B,)    r̂_q, accuracy of the answer's group (K answers of one question)
 
 plus group ids and normalisers, and its hyper-parameters as keyword-only arguments. An
 objective is registered with :func:`register_objective`, which also declares what the training
 loop must know about it (dynamic sampling by default, whole groups per micro-batch, reward
 shaping); the loop, the config and the CLI read the registry and never an algorithm's name.
-The public entry point is :func:`compute_loss`. Token-level objectives sum the per-token
+The entry points are :func:`objective_loss` (an ObjectiveInput) and :func:`compute_loss`
+(the same from tensors). Token-level objectives sum the per-token
 loss over answers and response tokens and divide by ``num_tokens`` (default: ``mask.sum()``), so
 a mini-batch split into micro-batches, each given the mini-batch's token count, accumulates the
 same gradient as the whole.
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -129,7 +130,7 @@ def token_sum(per_token: Tensor, mask: Tensor) -> Tensor:
 
 def nft_token_loss(
     log_ratio: Tensor,
-    correct: Tensor,
+    reward: Tensor,
     r_hat: Tensor,
     weight: str = "dr_grpo",
     eps: float = 1.0,
@@ -153,7 +154,7 @@ def nft_token_loss(
     keep = informative(r_hat)[:, None]
     r_hat_s = _safe_r_hat(r_hat)[:, None]
     omega = prompt_weight(weight, r_hat_s)
-    r = correct[:, None].to(log_ratio.dtype)
+    r = reward[:, None].to(log_ratio.dtype)
     zero = torch.zeros_like(log_ratio)
 
     pos = -omega * r * log_ratio  # − ω r log R_t
@@ -168,7 +169,7 @@ def nft_token_loss(
     return pos + neg, pos, neg, torch.where(keep, clipped, zero)
 
 
-def group_advantage(correct: Tensor, r_hat: Tensor, normalise_std: bool,
+def group_advantage(reward: Tensor, r_hat: Tensor, normalise_std: bool,
                     reward_std: Tensor | None = None) -> Tensor:
     """GRPO's group-normalised advantage, (B,).
 
@@ -179,7 +180,7 @@ def group_advantage(correct: Tensor, r_hat: Tensor, normalise_std: bool,
     r̂ is the group's mean reward. Zero on groups with r̂ ∈ {0, 1} or σ = 0.
     """
     r_hat_s = _safe_r_hat(r_hat)
-    adv = correct.to(r_hat.dtype) - r_hat_s
+    adv = reward.to(r_hat.dtype) - r_hat_s
     if normalise_std:
         std = (torch.sqrt(r_hat_s * (1.0 - r_hat_s)) if reward_std is None
                else reward_std.to(r_hat.dtype))
@@ -219,7 +220,7 @@ def clipped_pg_token_loss(
 
 
 def infonca_group_loss(
-    seq_log_ratio: Tensor, correct: Tensor, group_ids: Tensor, beta: float = 0.1
+    seq_log_ratio: Tensor, reward: Tensor, group_ids: Tensor, beta: float = 0.1
 ) -> tuple[Tensor, int]:
     """Iterative DPO via InfoNCA (paper Appendix, after Chen et al. 2024), summed over groups.
 
@@ -231,7 +232,7 @@ def infonca_group_loss(
     """
     _, group_index = torch.unique(group_ids, return_inverse=True)
     num_groups = int(group_index.max().item()) + 1 if group_ids.numel() else 0
-    r = correct.to(seq_log_ratio.dtype)
+    r = reward.to(seq_log_ratio.dtype)
     logits = beta * seq_log_ratio
     # log-softmax within each group: subtract the group's logsumexp
     group_max = torch.full((num_groups,), -torch.inf, dtype=logits.dtype, device=logits.device)
@@ -253,13 +254,14 @@ def infonca_group_loss(
 
 @dataclass
 class ObjectiveInput:
-    """What every objective sees, for B answers padded to T tokens. Built (and checked) by
-    :func:`compute_loss`; ``log_ratio`` is filled in from the log-probs."""
+    """What every objective sees, for B answers padded to T tokens. Built with keywords by its
+    caller (the update, or :func:`compute_loss`), checked and completed by
+    :func:`objective_loss` (``log_ratio`` from the log-probs)."""
 
     logprobs: Tensor  # (B, T) log π_θ, carries the gradient
     old_logprobs: Tensor  # (B, T) log π_old, recorded at rollout
     mask: Tensor  # (B, T) 1 on response tokens
-    correct: Tensor  # (B,) reward r: the verifier's 0/1, or a value in [0, 1] (GRPO family)
+    reward: Tensor  # (B,) reward r: the verifier's 0/1, or a value in [0, 1] (GRPO family)
     r_hat: Tensor  # (B,) mean reward (accuracy) of the answer's group
     group_ids: Tensor | None = None  # (B,) which question each answer answers
     num_tokens: Tensor | float | None = None  # normaliser of token sums (default mask.sum())
@@ -308,7 +310,7 @@ def register_objective(name: str, *, dynamic_sampling: bool = True, whole_groups
                        ) -> Callable[[ObjectiveFn], ObjectiveFn]:
     """Register ``loss(x: ObjectiveInput, *, hparam=default, ...)`` under ``name``; its
     keyword-only parameters are its hyper-parameters (config keys of the same name set them).
-    ``signal(correct, r_hat)`` marks the answers that carry a learning signal (default: those
+    ``signal(reward, r_hat)`` marks the answers that carry a learning signal (default: those
     of groups with 0 < r̂ < 1). ``token_level``: the loss is a token mean made with
     :func:`token_mean_loss` (which applies ``x.token_weights``). ``binary_reward``: rewards
     must be 0/1 (else any value in [0, 1]). A duplicate name is an error."""
@@ -321,7 +323,7 @@ def register_objective(name: str, *, dynamic_sampling: bool = True, whole_groups
         OBJECTIVES[name] = Objective(
             name, fn, hparams, dynamic_sampling, whole_groups, overlong_shaping,
             needs_group_ids or whole_groups,
-            signal or (lambda correct, r_hat: informative(r_hat)), token_level, binary_reward)
+            signal or (lambda reward, r_hat: informative(r_hat)), token_level, binary_reward)
         return fn
 
     return wrap
@@ -376,8 +378,8 @@ def token_mean_loss(parts: dict[str, Tensor], x: ObjectiveInput, clipped: Tensor
 @register_objective("nft")
 def nft(x: ObjectiveInput, *, weight: str = "dr_grpo", eps: float = 1.0):
     """Negative-aware Fine-Tuning (Eq. 10); see :func:`nft_token_loss`."""
-    loss, pos, neg, clipped = nft_token_loss(x.log_ratio, x.correct, x.r_hat, weight, eps)
-    wrong = (1.0 - x.correct.to(x.log_ratio.dtype))[:, None]  # clip_fraction: of wrong answers
+    loss, pos, neg, clipped = nft_token_loss(x.log_ratio, x.reward, x.r_hat, weight, eps)
+    wrong = (1.0 - x.reward.to(x.log_ratio.dtype))[:, None]  # clip_fraction: of wrong answers
     parts = {"loss": loss, "loss_pos": pos, "loss_neg": neg}
     return token_mean_loss(parts, x, clipped, clip_over=wrong)
 
@@ -388,7 +390,7 @@ def rft(x: ObjectiveInput, *, weight: str = "one"):
 
         L_t = − ω(q) · r · log R_t    (gradient of − r log π_θ: likelihood of correct answers)
     """
-    loss, pos, neg, clipped = nft_token_loss(x.log_ratio, x.correct, x.r_hat, weight,
+    loss, pos, neg, clipped = nft_token_loss(x.log_ratio, x.reward, x.r_hat, weight,
                                              positive_only=True)
     return token_mean_loss({"loss": loss, "loss_pos": pos, "loss_neg": neg}, x, clipped)
 
@@ -403,14 +405,14 @@ def _pg_with_advantage(x: ObjectiveInput, adv: Tensor, clip_low: float, clip_hig
 @register_objective("grpo", dynamic_sampling=False, binary_reward=False)
 def grpo(x: ObjectiveInput, *, clip_low: float = 0.2, clip_high: float = 0.28):
     """GRPO (Eq. 3) with DAPO's clip-higher and token-level loss, Â = (r − r̂)/std."""
-    adv = group_advantage(x.correct, x.r_hat, normalise_std=True, reward_std=x.reward_std)
+    adv = group_advantage(x.reward, x.r_hat, normalise_std=True, reward_std=x.reward_std)
     return _pg_with_advantage(x, adv, clip_low, clip_high)
 
 
 @register_objective("dr_grpo", dynamic_sampling=False, binary_reward=False)
 def dr_grpo(x: ObjectiveInput, *, clip_low: float = 0.2, clip_high: float = 0.28):
     """Dr.GRPO: GRPO without the std division, Â = r − r̂."""
-    adv = group_advantage(x.correct, x.r_hat, normalise_std=False)
+    adv = group_advantage(x.reward, x.r_hat, normalise_std=False)
     return _pg_with_advantage(x, adv, clip_low, clip_high)
 
 
@@ -434,18 +436,18 @@ def dapo(x: ObjectiveInput, *, clip_low: float = 0.2, clip_high: float = 0.28):
     length counts against correctness, so it is DAPO's.
     """
     if x.overlong_penalty is None:
-        adv = group_advantage(x.correct, x.r_hat, normalise_std=True, reward_std=x.reward_std)
+        adv = group_advantage(x.reward, x.r_hat, normalise_std=True, reward_std=x.reward_std)
     else:
         if x.group_ids is None:
             raise ValueError("group_ids: required by 'dapo' with overlong_penalty")
         dtype = x.log_ratio.dtype
-        rewards = 2.0 * x.correct.to(dtype) - 1.0 + x.overlong_penalty.to(dtype)
+        rewards = 2.0 * x.reward.to(dtype) - 1.0 + x.overlong_penalty.to(dtype)
         adv = shaped_group_advantage(rewards, x.group_ids, x.r_hat)
     return _pg_with_advantage(x, adv, clip_low, clip_high)
 
 
 @register_objective("infonca", whole_groups=True, token_level=False,
-                    signal=lambda correct, r_hat: correct > 0)
+                    signal=lambda reward, r_hat: reward > 0)
 def infonca(x: ObjectiveInput, *, beta: float = 0.1, sft_coef: float = 1.0):
     """Iterative DPO via InfoNCA plus an SFT term on the correct answers.
 
@@ -457,9 +459,9 @@ def infonca(x: ObjectiveInput, *, beta: float = 0.1, sft_coef: float = 1.0):
     """
     m = x.mask
     seq_log_ratio = (x.log_ratio * m).sum(dim=1)  # s_θ(q, a)
-    nca_sum, contributing = infonca_group_loss(seq_log_ratio, x.correct, x.group_ids, beta)
+    nca_sum, contributing = infonca_group_loss(seq_log_ratio, x.reward, x.group_ids, beta)
     g = x.num_groups if x.num_groups is not None else max(contributing, 1)
-    r = x.correct.to(x.log_ratio.dtype)[:, None]
+    r = x.reward.to(x.log_ratio.dtype)[:, None]
     n_sft = x.num_sft_tokens if x.num_sft_tokens is not None else (m * r).sum().clamp(min=1)
     sft = -torch.where((m * r) > 0, x.logprobs, 0.0).sum() / n_sft
     nca = nca_sum / g
@@ -484,13 +486,13 @@ def _check_inputs(x: ObjectiveInput, objective: Objective) -> None:
     if x.group_ids is None and objective.needs_group_ids:
         raise ValueError(f"group_ids: required by {objective.name!r} (which question each "
                          "answer belongs to)")
-    for name in ("correct", "r_hat", "group_ids", "overlong_penalty", "reward_std"):
+    for name in ("reward", "r_hat", "group_ids", "overlong_penalty", "reward_std"):
         t = getattr(x, name)
         if t is None and name in ("group_ids", "overlong_penalty", "reward_std"):
             continue
         if not isinstance(t, Tensor) or tuple(t.shape) != shape[:1]:
             raise ValueError(f"{name}: expected shape ({shape[0]},), got {_describe(t)}")
-    r_hat, correct, mask = x.r_hat, x.correct, x.mask
+    r_hat, reward, mask = x.r_hat, x.reward, x.mask
     # every value check at once, one host read; the first that fails is reported
     problems = [
         (torch.isnan(logprobs).any(), lambda: "logprobs: contains NaN"),
@@ -499,10 +501,10 @@ def _check_inputs(x: ObjectiveInput, objective: Objective) -> None:
         (((r_hat < 0) | (r_hat > 1)).any(),
          lambda: f"r_hat: values must lie in [0, 1], got min {r_hat.min().item():g} "
                  f"max {r_hat.max().item():g}"),
-        (~((correct == 0) | (correct == 1)).all() if objective.binary_reward
-         else ((correct < 0) | (correct > 1)).any(),
-         lambda: "correct: values must be 0/1 or bool" if objective.binary_reward
-         else "correct: rewards must lie in [0, 1]"),
+        (~((reward == 0) | (reward == 1)).all() if objective.binary_reward
+         else ((reward < 0) | (reward > 1)).any(),
+         lambda: "reward: values must be 0/1 or bool" if objective.binary_reward
+         else "reward: rewards must lie in [0, 1]"),
         (~((mask == 0) | (mask == 1)).all(), lambda: "mask: values must be 0/1 or bool"),
     ]
     if x.num_tokens is not None:
@@ -518,32 +520,13 @@ def _describe(value: Any) -> str:
     return f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
 
 
-def compute_loss(
-    algo: str,
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    mask: Tensor,
-    correct: Tensor,
-    r_hat: Tensor,
-    group_ids: Tensor | None = None,
-    num_tokens: float | Tensor | None = None,
-    *,
-    num_groups: int | None = None,
-    num_sft_tokens: float | Tensor | None = None,
-    overlong_penalty: Tensor | None = None,
-    token_weights: Tensor | None = None,
-    reward_std: Tensor | None = None,
-    **hparams: Any,
-) -> tuple[Tensor, Metrics]:
-    """The loss of objective ``algo`` on one (micro-)batch, and float diagnostics.
+def objective_loss(algo: str, x: ObjectiveInput, **hparams: Any) -> tuple[Tensor, Metrics]:
+    """The loss of objective ``algo`` on one (micro-)batch ``x``, and float diagnostics.
 
-    Args:
-        algo: a name in ``OBJECTIVES``: "nft", "rft", "grpo", "dr_grpo", "dapo", "infonca".
-        logprobs, old_logprobs, mask, correct, r_hat, group_ids, num_tokens, num_groups,
-            num_sft_tokens, overlong_penalty, token_weights, reward_std: the fields of
-            :class:`ObjectiveInput`.
-        **hparams: the objective's hyper-parameters (``OBJECTIVES[algo].hparams``; the rest
-            keep their defaults), e.g. eps and weight for NFT.
+    ``x`` is checked (shapes, NaN, rewards 0/1 where the objective declares binary rewards)
+    and completed (mask and r̂ in the log-probs' dtype, ``num_tokens`` defaulting to the mask's
+    sum, ``log_ratio``); ``hparams`` are the objective's hyper-parameters
+    (``OBJECTIVES[algo].hparams``; the rest keep their defaults), e.g. eps and weight for NFT.
 
     Returns:
         (scalar loss, metrics) with metrics ``loss_pos``, ``loss_neg``, ``ratio_mean``,
@@ -551,10 +534,8 @@ def compute_loss(
         clips (not InfoNCA).
     """
     objective = get_objective(algo)
-    x = ObjectiveInput(logprobs, old_logprobs, mask, correct, r_hat, group_ids, num_tokens,
-                       num_groups, num_sft_tokens, overlong_penalty, token_weights, reward_std)
     _check_inputs(x, objective)
-    if token_weights is not None and not objective.token_level:
+    if x.token_weights is not None and not objective.token_level:
         raise ValueError(f"token_weights: {algo!r} is not a token-mean objective")
     unknown = set(hparams) - set(objective.hparams)
     if unknown:
@@ -563,13 +544,31 @@ def compute_loss(
     if "weight" in hparams and hparams["weight"] not in PROMPT_WEIGHTS:
         raise ValueError(f"weight: unknown prompt weight {hparams['weight']!r}; "
                          f"valid: {sorted(PROMPT_WEIGHTS)}")
-    x.mask = mask.to(logprobs.dtype)
-    x.r_hat = r_hat.to(logprobs.dtype)
-    if num_tokens is None:
+    x.mask = x.mask.to(x.logprobs.dtype)
+    x.r_hat = x.r_hat.to(x.logprobs.dtype)
+    if x.num_tokens is None:
         x.num_tokens = x.mask.sum().clamp(min=1)
     # log R_t, exactly 0 off the response (padding may hold any value, even -inf)
-    x.log_ratio = torch.where(x.mask > 0, logprobs - old_logprobs.detach(), 0.0)
+    x.log_ratio = torch.where(x.mask > 0, x.logprobs - x.old_logprobs.detach(), 0.0)
     loss, metrics = objective.loss(x, **hparams)
     if "loss" not in metrics:
         metrics["loss"] = loss.item()
     return loss, metrics
+
+
+def compute_loss(algo: str, logprobs: Tensor, old_logprobs: Tensor, mask: Tensor,
+                 reward: Tensor, r_hat: Tensor, **fields_and_hparams: Any
+                 ) -> tuple[Tensor, Metrics]:
+    """:func:`objective_loss` with the input given as tensors: the five every objective
+    reads, positionally, then any other :class:`ObjectiveInput` field (``group_ids``,
+    ``num_tokens``, ``num_groups``, ``num_sft_tokens``, ``overlong_penalty``,
+    ``token_weights``, ``reward_std``) and the hyper-parameters, by keyword::
+
+        loss, metrics = compute_loss("nft", logprobs, old_logprobs, mask, reward, r_hat,
+                                     eps=1.0, weight="dr_grpo")
+    """
+    names = {f.name for f in fields(ObjectiveInput) if f.init}
+    x = ObjectiveInput(logprobs=logprobs, old_logprobs=old_logprobs, mask=mask, reward=reward,
+                       r_hat=r_hat, **{k: v for k, v in fields_and_hparams.items() if k in names})
+    hparams = {k: v for k, v in fields_and_hparams.items() if k not in names}
+    return objective_loss(algo, x, **hparams)

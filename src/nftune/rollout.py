@@ -36,7 +36,7 @@ class Rollout:
     old_logprobs: Tensor | None = None  # (B, R) log π_old of each response token
     entropy: Tensor | None = None  # (B, R) entropy of π_old at each response position
     engine_logprobs: Tensor | None = None  # (B, R) the engine's own log-probs (vLLM)
-    correct: Tensor | None = None  # (B,) reward: the verifier's 0/1, or a value in [0, 1]
+    reward: Tensor | None = None  # (B,) the verifier's 0/1, or a reward function's [0, 1]
     r_hat: Tensor | None = None  # (B,) mean reward (accuracy) of the answer's group
     r_std: Tensor | None = None  # (B,) population std of the group's rewards
     penalty: Tensor | None = None  # (B,) reward shaping added to r (DAPO's overlong penalty)
@@ -287,7 +287,7 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         group_ids=torch.cat(group_ids), texts=[t for r in parts for t in r.texts],
         old_logprobs=cat("old_logprobs", True), entropy=cat("entropy", True),
         engine_logprobs=cat("engine_logprobs", True),
-        correct=cat("correct", False), r_hat=cat("r_hat", False), r_std=cat("r_std", False),
+        reward=cat("reward", False), r_hat=cat("r_hat", False), r_std=cat("r_std", False),
         penalty=cat("penalty", False))
 
 

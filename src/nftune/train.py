@@ -20,7 +20,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ from nftune.rollout import (
     pad_token_id,
 )
 from nftune.update import recompute_logprobs, update_policy
-from nftune.verify import Verifier
+from nftune.verify import Scores, Verifier
 
 log = logging.getLogger("nftune")
 
@@ -95,75 +95,103 @@ class RolloutStats:
     engine_logprob_diff_max: float | None = None
 
 
+def refill_count(wanted: int, kept: int, seen: int, first_round: bool) -> int:
+    """How many questions a generation round asks for: the batch at first; then what is
+    missing, scaled by the share of questions kept so far (at least a quarter), at most a
+    batch."""
+    if first_round:
+        return wanted
+    return min(wanted, math.ceil((wanted - kept) / max(kept / seen, 0.25)))
+
+
+def score_answers(reward: Reward, rollout: Rollout, questions: list[Question], k: int,
+                  cfg: TrainConfig) -> Scores:
+    """The reward of each of the K answers per question; a round in which every call failed
+    stops the run, values of the wrong kind for the objective are an error."""
+    scores = reward.score(rollout.texts, [q for q in questions for _ in range(k)])
+    if scores.values and scores.errors + scores.timeouts == len(scores.values):
+        raise RewardError(f"reward {reward.spec}: failed on every answer of a round "
+                          f"({scores.errors} errors, {scores.timeouts} timeouts of "
+                          f"{cfg.verify_timeout_s} s); the first error:\n"
+                          f"{scores.first_error or '(timeouts only)'}")
+    check_values(scores.values, get_objective(cfg.algo).binary_reward, reward.spec, cfg.algo)
+    return scores
+
+
+def with_group_statistics(rollout: Rollout, values: list[float], k: int,
+                          cfg: TrainConfig) -> Rollout:
+    """A new Rollout carrying each answer's reward (truncated answers count as wrong), its
+    group's mean r̂ and population std, and DAPO's overlong penalty where the run shapes."""
+    reward = torch.tensor(values, dtype=torch.float32, device=rollout.input_ids.device)
+    reward = reward * (~rollout.truncated).float()
+    groups = reward.view(-1, k)
+    penalty = overlong_penalty(rollout.response_lengths, cfg.max_new_tokens,
+                               cfg.overlong_buffer) if cfg.overlong_shaping else None
+    return replace(rollout, reward=reward, r_hat=groups.mean(1).repeat_interleave(k),
+                   r_std=groups.std(1, correction=0).repeat_interleave(k), penalty=penalty)
+
+
+def mixed_groups(rollout: Rollout, k: int) -> torch.Tensor:
+    """Rows of the answers whose group's rewards differ (0 < r̂ < 1 when binary): dynamic
+    sampling keeps these."""
+    groups = rollout.reward.view(-1, k)
+    return torch.nonzero((groups.amax(1) > groups.amin(1)).repeat_interleave(k)).flatten()
+
+
+def with_old_logprobs(model, rollout: Rollout, cfg: TrainConfig) -> Rollout:
+    """A new Rollout with π_old's log-probs and entropy from a no-grad forward in the update's
+    precision (``old_logprobs: recompute``)."""
+    model.eval()
+    with precision(cfg, rollout.input_ids.device):
+        old, entropy = recompute_logprobs(model, rollout, cfg.micro_batch_tokens,
+                                          cfg.temperature)
+    return replace(rollout, old_logprobs=old, entropy=entropy)
+
+
 def collect_rollout(model, tokenizer, questions: list[Question], sampler: PromptSampler,
                     reward: Reward | Verifier, cfg: TrainConfig,
                     engine: GenerationEngine | None = None
                     ) -> tuple[Rollout | None, RolloutStats]:
-    """Generate K answers for fresh questions (with ``engine``, default Hugging Face
-    ``generate`` on ``model``), score them (``reward``, or a math ``Verifier`` alone), keep
-    the groups whose answers' rewards differ."""
+    """Algorithm 1, steps 1–5: generate K answers for fresh questions (with ``engine``,
+    default Hugging Face ``generate`` on ``model``) → score them (``reward``, or a math
+    ``Verifier`` alone) → group statistics → keep the groups whose rewards differ, refilling
+    (dynamic sampling) → π_old's log-probs. Returns the batch (None if nothing was kept)."""
     engine = engine or HFEngine(model, tokenizer, cfg.gen_batch_size)
     reward = reward if isinstance(reward, Reward) else Reward(reward)
-    binary = get_objective(cfg.algo).binary_reward
     k = cfg.answers_per_prompt
     kept: list[Rollout] = []
-    kept_questions = 0
+    kept_questions = questions_seen = errors = timeouts = 0
     rewards, lengths, truncated = [], [], []
     time_gen = time_ver = 0.0
-    groups_seen = errors = timeouts = 0
     rounds = cfg.max_gen_batches if cfg.dynamic_sampling else 1
     for round_ in range(rounds):
-        count = cfg.prompts_per_step
-        if round_:  # refill: ask for what is missing, scaled by the kept rate so far
-            need = cfg.prompts_per_step - kept_questions
-            count = min(cfg.prompts_per_step,
-                        math.ceil(need / max(kept_questions / groups_seen, 0.25)))
+        count = refill_count(cfg.prompts_per_step, kept_questions, questions_seen, round_ == 0)
         batch = [questions[i] for i in sampler.take(count)]
-        prompts = [format_prompt(q.problem, cfg.template, tokenizer) for q in batch]
         start = time.perf_counter()
         rollout = engine.generate(
-            prompts, k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-            top_p=cfg.top_p, top_k=cfg.top_k, record_logprobs=cfg.old_logprobs == "generate")
+            [format_prompt(q.problem, cfg.template, tokenizer) for q in batch], k,
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+            top_k=cfg.top_k, record_logprobs=cfg.old_logprobs == "generate")
         time_gen += time.perf_counter() - start
         start = time.perf_counter()
-        scores = reward.score(rollout.texts, [q for q in batch for _ in range(k)])
+        scores = score_answers(reward, rollout, batch, k, cfg)
         time_ver += time.perf_counter() - start
         errors, timeouts = errors + scores.errors, timeouts + scores.timeouts
-        if scores.values and scores.errors + scores.timeouts == len(scores.values):
-            raise RewardError(f"reward {reward.spec}: failed on every answer of a round "
-                              f"({scores.errors} errors, {scores.timeouts} timeouts of "
-                              f"{cfg.verify_timeout_s} s); the first error:\n"
-                              f"{scores.first_error or '(timeouts only)'}")
-        check_values(scores.values, binary, reward.spec, cfg.algo)
-        correct = torch.tensor(scores.values, dtype=torch.float32,
-                               device=rollout.input_ids.device)
-        correct = correct * (~rollout.truncated).float()  # truncated answers count as wrong
-        rollout.correct = correct
-        groups = correct.view(-1, k)
-        rollout.r_hat = groups.mean(1).repeat_interleave(k)
-        rollout.r_std = groups.std(1, correction=0).repeat_interleave(k)
-        if cfg.overlong_shaping:
-            rollout.penalty = overlong_penalty(rollout.response_lengths, cfg.max_new_tokens,
-                                               cfg.overlong_buffer)
-        rewards.append(correct.cpu())
-        lengths.append(rollout.response_lengths.float().cpu())
-        truncated.append(rollout.truncated.float().cpu())
-        groups_seen += len(batch)
-        if cfg.dynamic_sampling:  # groups whose rewards differ (0 < r̂ < 1 when binary)
-            keep = (groups.amax(1) > groups.amin(1)).repeat_interleave(k)
-            if keep.any():
-                rows = torch.nonzero(keep).flatten()
-                kept.append(rollout.select(rows))
-                kept_questions += len(rows) // k
-        else:
-            kept.append(rollout)
-            kept_questions += len(batch)
+        scored = with_group_statistics(rollout, scores.values, k, cfg)
+        rewards.append(scored.reward.cpu())
+        lengths.append(scored.response_lengths.float().cpu())
+        truncated.append(scored.truncated.float().cpu())
+        questions_seen += len(batch)
+        rows = mixed_groups(scored, k) if cfg.dynamic_sampling else None
+        if rows is None or len(rows):
+            kept.append(scored if rows is None else scored.select(rows))
+            kept_questions += len(batch) if rows is None else len(rows) // k
         if kept_questions >= cfg.prompts_per_step:
             break
     rewards_t, lengths_t = torch.cat(rewards), torch.cat(lengths)
     stats = RolloutStats(
         generated_answers=len(rewards_t), reward_mean=rewards_t.mean().item(),
-        kept_fraction=(kept_questions / groups_seen) if cfg.dynamic_sampling else 1.0,
+        kept_fraction=(kept_questions / questions_seen) if cfg.dynamic_sampling else 1.0,
         response_length=lengths_t.mean().item(),
         truncated_fraction=torch.cat(truncated).mean().item(), gen_batches=round_ + 1,
         time_generate_s=time_gen, time_verify_s=time_ver, time_old_logprobs_s=0.0,
@@ -177,19 +205,19 @@ def collect_rollout(model, tokenizer, questions: list[Question], sampler: Prompt
             batch_rollout.group_ids < cfg.prompts_per_step).flatten())
     if cfg.old_logprobs == "recompute":
         start = time.perf_counter()
-        model.eval()
-        with precision(cfg, batch_rollout.input_ids.device):  # the update's precision
-            batch_rollout.old_logprobs, batch_rollout.entropy = recompute_logprobs(
-                model, batch_rollout, cfg.micro_batch_tokens, cfg.temperature)
+        batch_rollout = with_old_logprobs(model, batch_rollout, cfg)
         stats.time_old_logprobs_s = time.perf_counter() - start
-    if batch_rollout.engine_logprobs is not None and batch_rollout.old_logprobs is not None:
-        mask = batch_rollout.response_mask.bool()
-        diff = (batch_rollout.old_logprobs - batch_rollout.engine_logprobs).abs()[mask]
-        if diff.numel():
-            stats.engine_logprob_diff_mean = diff.mean().item()
-            stats.engine_logprob_diff_max = diff.max().item()
+    stats.engine_logprob_diff_mean, stats.engine_logprob_diff_max = engine_mismatch(batch_rollout)
     return batch_rollout, stats
 
+
+def engine_mismatch(rollout: Rollout) -> tuple[float | None, float | None]:
+    """Mean and max |log π_old − log π_engine| per response token, where the engine reported
+    its own log-probs (vLLM); (None, None) otherwise."""
+    if rollout.engine_logprobs is None or rollout.old_logprobs is None:
+        return None, None
+    diff = (rollout.old_logprobs - rollout.engine_logprobs).abs()[rollout.response_mask.bool()]
+    return (diff.mean().item(), diff.max().item()) if diff.numel() else (None, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,7 +396,7 @@ class Trainer:
                                                  batch, cfg, self.nan_streak)
             self.engine.update_weights(self.model)  # π_old ← π_θ
         time_update = time.perf_counter() - start
-        trained = batch.correct.mean().item() if batch is not None else float("nan")
+        trained = batch.reward.mean().item() if batch is not None else float("nan")
         entropy = (batch.entropy * batch.response_mask).sum() / batch.response_mask.sum() \
             if batch is not None and batch.entropy is not None else float("nan")
         row.update(upd)

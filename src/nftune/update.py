@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from nftune.config import TrainConfig
-from nftune.objectives import compute_loss, get_objective
+from nftune.objectives import ObjectiveInput, get_objective, objective_loss
 from nftune.policy import precision
 
 if TYPE_CHECKING:
@@ -304,13 +304,13 @@ def update_policy(model, optimizer, scheduler, batch: Rollout, cfg: TrainConfig,
     for part in parts:
         rows = torch.nonzero(torch.isin(batch.group_ids, part.to(batch.group_ids.device)))
         mb = batch.select(rows.flatten())
-        if len(mb) == 0 or not bool(objective.signal(mb.correct, mb.r_hat).any()):
+        if len(mb) == 0 or not bool(objective.signal(mb.reward, mb.r_hat).any()):
             skipped += 1
             continue
         # the mini-batch's normalisers, given to every micro-batch
         num_tokens = mb.response_mask.sum().clamp(min=1)
-        num_groups = max(1, len(torch.unique(mb.group_ids[mb.correct > 0])))
-        num_sft_tokens = (mb.response_mask * mb.correct[:, None]).sum().clamp(min=1)
+        num_groups = max(1, len(torch.unique(mb.group_ids[mb.reward > 0])))
+        num_sft_tokens = (mb.response_mask * mb.reward[:, None]).sum().clamp(min=1)
         optimizer.zero_grad(set_to_none=True)
         step_metrics: dict[str, float] = {}
         finite = True
@@ -319,13 +319,13 @@ def update_policy(model, optimizer, scheduler, batch: Rollout, cfg: TrainConfig,
             with precision(cfg, device):
                 logprobs, _ = response_logprobs(model, piece.input_ids, piece.attention_mask,
                                                 piece.prompt_len, temperature=cfg.temperature)
-            loss, m = compute_loss(
-                cfg.algo, logprobs, piece.old_logprobs, piece.response_mask, piece.correct,
-                piece.r_hat, piece.group_ids, num_tokens, num_groups=num_groups,
-                num_sft_tokens=num_sft_tokens,
+            x = ObjectiveInput(
+                logprobs=logprobs, old_logprobs=piece.old_logprobs, mask=piece.response_mask,
+                reward=piece.reward, r_hat=piece.r_hat, group_ids=piece.group_ids,
+                num_tokens=num_tokens, num_groups=num_groups, num_sft_tokens=num_sft_tokens,
                 overlong_penalty=piece.penalty if cfg.overlong_shaping else None,
-                token_weights=truncated_is_weights(piece, cfg.tis_cap), reward_std=piece.r_std,
-                **hparams)
+                token_weights=truncated_is_weights(piece, cfg.tis_cap), reward_std=piece.r_std)
+            loss, m = objective_loss(cfg.algo, x, **hparams)
             if not torch.isfinite(loss):
                 finite = False
                 break
