@@ -83,7 +83,7 @@ def test_hostile_inputs_are_false_and_bounded(verifier):
 
 def test_pool_survives_a_killed_worker(verifier):
     verifier.verify(["\\boxed{\\frac{1}{3}}"], ["1/3"])
-    for w in verifier._pool:
+    for w in verifier.pool.workers:
         os.kill(w.proc.pid, 9)
     before = verifier.restarts
     out = verifier.verify(["\\boxed{\\frac{2}{6}}", "\\boxed{x+1}"], ["1/3", "1+x"])
@@ -94,7 +94,7 @@ def test_pool_survives_a_killed_worker(verifier):
 def test_pool_survives_a_dead_worker_it_still_thinks_alive(verifier):
     """A killed worker can look alive until it is reaped; sending to it must not fail."""
     verifier.verify(["\\boxed{\\frac{1}{3}}"], ["1/3"])
-    for w in verifier._pool:
+    for w in verifier.pool.workers:
         os.kill(w.proc.pid, 9)
         w.proc.wait(timeout=5)
         w.alive = lambda: True  # the lag, made certain

@@ -1,9 +1,11 @@
-"""One verifier worker: ``python -m nftune._verify_worker MEMORY_MB [REWARD_SPEC]``.
+"""One pool worker (:mod:`nftune.pool`): ``python -m nftune._verify_worker MEMORY_MB [JOB]``.
 
-Reads JSON lines ``{"timeout_s": t, "items": [[index, pred, gold], ...]}`` on stdin and writes
-one ``[index, verdict]`` line per item on stdout, after a ``{"ready": true}`` line once
-math-verify is warm. With a reward spec (user functions, :mod:`nftune.reward`) the items are
-``[index, response, row]`` and the answers ``[index, value]`` or ``[index, null, traceback]``.
+``JOB`` is JSON data: ``{"kind": "math"}`` (the default) or ``{"kind": "reward", "terms":
+[{"target": "file.py:fn", "weight": 1.0}, ...]}`` (user functions, :mod:`nftune.reward`).
+Reads JSON lines ``{"timeout_s": t, "items": [...]}`` on stdin and writes one line per item on
+stdout, after a ``{"ready": true}`` line once warm: for math, items ``[index, pred, gold]`` and
+answers ``[index, verdict]``; for rewards, items ``[index, response, row]`` and answers
+``[index, value]`` or ``[index, null, traceback]``.
 A fresh interpreter (not a fork) so that it never imports the caller's ``__main__``; it
 ignores SIGINT (Ctrl-C is the parent's to handle) and exits at end of input.
 """
@@ -25,10 +27,11 @@ def main() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
 
-    if len(sys.argv) > 2:
-        from nftune.reward import parse_reward_spec, weighted_reward
+    job = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {"kind": "math"}
+    if job.get("kind") == "reward":
+        from nftune.reward import RewardTerm, weighted_reward
 
-        check = _user_check(weighted_reward(parse_reward_spec(sys.argv[2])))
+        check = _user_check(weighted_reward([RewardTerm(**t) for t in job["terms"]]))
     else:
         from nftune.verify import math_verify_check, warm_up
 

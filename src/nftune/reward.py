@@ -26,17 +26,25 @@ Importing this module imports neither torch nor math-verify: the workers import 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from nftune.verify import Scores
 
 BUILTIN = "math"
 # other built-in rewards by name: user-function style, run in the reward pool's workers
 NAMED = {"countdown": "nftune.tasks.countdown:countdown_reward"}
 RewardFn = Callable[[list[str], list[dict]], Sequence[float]]
+
+
+@dataclass
+class Scores:
+    """What a reward gave a batch: one value per answer (0 where it failed), and how many
+    calls raised, timed out or killed their worker."""
+
+    values: list[float]
+    errors: int = 0
+    timeouts: int = 0
+    first_error: str | None = None
 
 
 class RewardError(ValueError):
@@ -157,9 +165,63 @@ def _absolute(term: RewardTerm) -> RewardTerm:
     return RewardTerm(f"{module}:{name}", term.weight)
 
 
+def reward_job(terms: list[RewardTerm]) -> dict:
+    """What a reward pool's workers run, as data (``nftune._verify_worker`` builds the
+    weighted sum from it; nothing is parsed again)."""
+    return {"kind": "reward", "terms": [{"target": t.target, "weight": t.weight}
+                                        for t in terms]}
+
+
+class FunctionPool:
+    """User reward functions (``terms``, weighted and summed) in a pool of worker processes
+    (:class:`nftune.pool.WorkerPool`): one call per answer; a call that raises, returns
+    something other than a number, overruns ``timeout_s`` or kills its worker scores 0 and is
+    counted."""
+
+    def __init__(self, terms: list[RewardTerm], workers: int | None = None,
+                 timeout_s: float = 5.0, memory_mb: int = 4096):
+        from nftune.pool import WorkerPool, worker_count
+
+        self.timeout_s = timeout_s
+        self.pool = WorkerPool(worker_count(workers), memory_mb, reward_job(terms))
+        self._lock = threading.Lock()
+
+    def start_in_background(self) -> None:
+        with self._lock:
+            self.pool.start()
+
+    def close(self) -> None:
+        with self._lock:
+            self.pool.close()
+
+    def score(self, responses: Sequence[str], rows: Sequence[dict]) -> Scores:
+        if len(responses) != len(rows):
+            raise ValueError(f"rows: {len(rows)} rows for {len(responses)} responses")
+        scores = Scores([0.0] * len(responses))
+
+        def record(index: int, message: list) -> None:
+            if len(message) > 2:  # [index, null, error]
+                scores.errors += 1
+                scores.first_error = scores.first_error or message[2]
+            else:
+                scores.values[index] = float(message[1])
+
+        items = [(i, r, row) for i, (r, row) in enumerate(zip(responses, rows, strict=True))]
+        with self._lock:
+            given_up = self.pool.run(items, self.timeout_s, record)
+        for item in given_up:
+            if item.timed_out:
+                scores.timeouts += 1
+            else:
+                scores.errors += 1
+                scores.first_error = scores.first_error or "the call killed its worker " \
+                    "process twice (out of memory, or a crash in native code)"
+        return scores
+
+
 class Reward:
     """A run's reward: the math verifier (``verifier``, nftune's pool) and/or user functions
-    (their own pool of worker processes), weighted and summed.
+    (their own :class:`FunctionPool`), weighted and summed. ``spec`` is parsed once, here.
 
     User functions are imported here once at start, so that a missing file or function is an
     error before training, not a verdict of every answer.
@@ -176,12 +238,7 @@ class Reward:
         if self.math_weight and verifier is None:
             raise ValueError("Reward: the math verifier needs a Verifier pool")
         self.verifier = verifier
-        self.pool = None
-        if user:
-            from nftune.verify import Verifier
-
-            self.pool = Verifier(workers, timeout_s, function=",".join(
-                f"{t.target}*{t.weight!r}" for t in user))
+        self.pool = FunctionPool(user, workers, timeout_s) if user else None
 
     def start_in_background(self) -> None:
         """Start the pools this reward uses (the math verifier's only if it is a term)."""
@@ -202,8 +259,6 @@ class Reward:
 
     def score(self, responses: list[str], questions: list) -> Scores:
         """One reward per response (``questions[i]`` is the question response i answers)."""
-        from nftune.verify import Scores
-
         values = [0.0] * len(responses)
         scores = Scores(values)
         if self.math_weight:

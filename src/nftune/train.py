@@ -57,7 +57,7 @@ from nftune.policy import (
     pick_device,
     precision,
 )
-from nftune.reward import Reward, RewardError, check_values
+from nftune.reward import Reward, RewardError, Scores, check_values
 from nftune.rollout import (
     GenerationEngine,
     HFEngine,
@@ -66,7 +66,7 @@ from nftune.rollout import (
     pad_token_id,
 )
 from nftune.update import recompute_logprobs, update_policy
-from nftune.verify import Scores, Verifier
+from nftune.verify import Verifier
 
 log = logging.getLogger("nftune")
 
@@ -380,6 +380,7 @@ class Trainer:
         step = self.step_done + 1
         step_started = time.perf_counter()
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # sampling depends on (seed, step)
+        # 1–5: questions, K answers each, rewards, r̂, keep 0 < r̂ < 1 (refilling), π_old
         batch, stats = collect_rollout(self.model, self.tokenizer, self.questions.questions,
                                        self.sampler, self.reward, cfg, self.engine)
         row: dict[str, Any] = {"step": step, **{k: v for k, v in vars(stats).items()
@@ -391,10 +392,10 @@ class Trainer:
             log.warning("step %d: no question with 0 < r̂ < 1 in %d generated answers; "
                         "nothing kept, no update", step, stats.generated_answers)
             upd: dict[str, Any] = {"optimizer_steps": 0}
-        else:
+        else:  # 6: one optimizer step per mini-batch (the later ones off-policy)
             upd, self.nan_streak = update_policy(self.model, self.optimizer, self.scheduler,
                                                  batch, cfg, self.nan_streak)
-            self.engine.update_weights(self.model)  # π_old ← π_θ
+            self.engine.update_weights(self.model)  # 7: π_old ← π_θ
         time_update = time.perf_counter() - start
         trained = batch.reward.mean().item() if batch is not None else float("nan")
         entropy = (batch.entropy * batch.response_mask).sum() / batch.response_mask.sum() \

@@ -3,10 +3,11 @@
 Checking is math-verify's (gold first: ``verify(parse(gold), parse(pred))``), behind a fast path
 for plain numbers that needs no sympy. math-verify bounds its own time with SIGALRM, which only
 works in a main thread, and some inputs (``9^{9^{9^{9}}}``) hang inside C code where no signal
-reaches; so every non-trivial check runs in a worker process (a fresh interpreter, see
-``nftune._verify_worker``) with a memory limit, and the parent kills a worker that overruns
-``timeout_s`` and starts a fresh one. A verdict that cannot be reached is ``False``; an answer
-longer than ``MAX_ANSWER_CHARS`` is ``False``; nothing a model writes can stop the run.
+reaches; so every non-trivial check runs in a worker process (:mod:`nftune.pool`: a fresh
+interpreter running ``nftune._verify_worker``) with a memory limit, and the pool kills a worker
+that overruns ``timeout_s`` and starts a fresh one. A verdict that cannot be reached is
+``False``; an answer longer than ``MAX_ANSWER_CHARS`` is ``False``; nothing a model writes can
+stop the run.
 
 :class:`Verifier` is safe to call from several threads (calls take turns on one pool) and after
 an interrupted call (workers that were mid-call are killed, so no stale verdict survives).
@@ -15,20 +16,15 @@ an interrupted call (workers that were mid-call are killed, so no stale verdict 
 from __future__ import annotations
 
 import atexit
-import json
-import os
 import re
-import select
-import subprocess
-import sys
 import threading
-import time
-from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from fractions import Fraction
 from functools import lru_cache
-from pathlib import Path
+
+from nftune.pool import PoolError, WorkerPool, worker_count
+
+VerifierError = PoolError  # the name the verifier's callers know
 
 STRATEGIES = ("auto", "boxed", "answer_line")
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
@@ -186,121 +182,15 @@ def math_verify_check(pred: str, gold: str, timeout_s: float = 5.0) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Worker processes
+# The math verifier: checking in worker processes (nftune.pool)
 # ---------------------------------------------------------------------------------------------
 
-_STARTUP_LIMIT_S = 120.0  # a worker's import and warm-up, on a loaded machine
-_STARTUP_FAILURES = 3  # workers in a row that die before they are ready: the pool gives up
-
-
-def _worker_count(workers: int | None) -> int:
-    return min(os.cpu_count() or 1, 8) if workers is None else workers
-
-
-def _readable(fds: list[int], timeout_s: float) -> list[int]:
-    """The descriptors with data or end of file (poll: no FD_SETSIZE limit in big processes)."""
-    poller = select.poll()
-    for fd in fds:
-        poller.register(fd, select.POLLIN)
-    return [fd for fd, _ in poller.poll(timeout_s * 1000)]
-
-
-class VerifierError(RuntimeError):
-    """The verifier's workers cannot start (e.g. a broken install); the message says how to
-    see why."""
-
-
-class _Worker:
-    """One ``python -m nftune._verify_worker`` process, spoken to in JSON lines over pipes.
-
-    A fresh interpreter rather than a fork: it never imports the caller's ``__main__`` (no
-    ``if __name__ == "__main__"`` guard needed), inherits no threads or locks, unpickles
-    nothing, and runs in its own session so that a terminal's Ctrl-C does not reach it.
-    """
-
-    def __init__(self, memory_mb: int, function: str | None = None):
-        env = dict(os.environ)
-        package_root = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH"))
-                                            if p)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nftune._verify_worker", str(memory_mb)]
-            + ([function] if function else []),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True)
-        self.fd = self.proc.stdout.fileno()
-        os.set_blocking(self.fd, False)
-        self.buffer = b""
-        self.ready = False
-        self.pending: list[tuple] = []
-        self.last_progress = time.monotonic()
-
-    def send(self, chunk: list[tuple], timeout_s: float) -> None:
-        self.pending = list(chunk)
-        self.last_progress = time.monotonic()
-        line = json.dumps({"timeout_s": timeout_s, "items": chunk}) + "\n"
-        self.proc.stdin.write(line.encode())
-        self.proc.stdin.flush()
-
-    def receive(self) -> list | None:
-        """The messages that have arrived (``{"ready": true}``, ``[index, verdict]`` or
-        ``[index, null, error]``); None once the worker has died or written something that
-        is not the protocol."""
-        try:
-            data = os.read(self.fd, 1 << 16)
-        except BlockingIOError:
-            return []
-        except OSError:
-            return None
-        if not data:
-            return None
-        self.buffer += data
-        *lines, self.buffer = self.buffer.split(b"\n")
-        try:
-            return [json.loads(line) for line in lines]
-        except ValueError:
-            return None
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self) -> None:
-        self.proc.kill()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            try:
-                pipe.close()
-            except OSError:
-                pass
-
-    def stop(self) -> None:
-        """End of input: the worker exits by itself; killed if it does not within a second."""
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout=1)
-        except subprocess.TimeoutExpired:
-            pass
-        self.kill()
-
-
-@dataclass
-class Scores:
-    """What a reward function gave a batch: one value per answer (0 where it failed), and
-    how many calls raised, timed out or killed their worker."""
-
-    values: list[float]
-    errors: int = 0
-    timeouts: int = 0
-    first_error: str | None = None
+MATH_JOB = {"kind": "math"}  # what a math verifier's workers run (nftune._verify_worker)
 
 
 class Verifier:
-    """A pool of verifier processes that survives its workers' deaths.
+    """The math verifier: extraction and the fast path here, math-verify in a pool of worker
+    processes (:class:`nftune.pool.WorkerPool`) that survives its workers' deaths.
 
     Args:
         workers: worker processes (default: CPU count, at most 8). 0 checks in this process
@@ -308,49 +198,33 @@ class Verifier:
         timeout_s: time limit per item; an item over it is False and its worker is replaced.
         memory_mb: address-space limit per worker.
         strategy: answer extraction, see :func:`extract_answer`.
-        function: a reward function's spec (``module:function``, ``file.py:function``, several
-            with weights: see :mod:`nftune.reward`) that the workers run, through
-            :meth:`score`, instead of the math verifier.
     """
 
     def __init__(self, workers: int | None = None, timeout_s: float = 5.0,
-                 memory_mb: int = 4096, strategy: str = "auto", chunk_size: int = 32,
-                 function: str | None = None):
+                 memory_mb: int = 4096, strategy: str = "auto", chunk_size: int = 32):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy: unknown {strategy!r}; valid: {list(STRATEGIES)}")
-        self.workers = _worker_count(workers)
+        self.workers = worker_count(workers)
         self.timeout_s = timeout_s
         self.memory_mb = memory_mb
         self.strategy = strategy
-        self.chunk_size = chunk_size
-        self.function = function
-        self.restarts = 0
-        self._pool: list[_Worker] = []
+        self.pool = WorkerPool(self.workers, memory_mb, MATH_JOB, chunk_size)
         self._lock = threading.RLock()
-        self._failed_starts = 0
-        self._given_up: list[tuple[int, bool]] = []  # (item, timed out) of the current call
+
+    @property
+    def restarts(self) -> int:
+        """Workers replaced so far (stuck, dead or killed)."""
+        return self.pool.restarts
 
     def start_in_background(self) -> None:
         """Start the worker processes now: their math-verify warm-up (seconds on a cold
         machine) then overlaps the caller's own set-up instead of the first ``verify``."""
         with self._lock:
-            self._fill_pool()
-
-    def _fill_pool(self) -> None:
-        """Replace workers that died between calls and start missing ones."""
-        for i, worker in enumerate(self._pool):
-            if not worker.alive():
-                worker.kill()
-                self._pool[i] = _Worker(self.memory_mb, self.function)
-                self.restarts += 1
-        while len(self._pool) < self.workers:
-            self._pool.append(_Worker(self.memory_mb, self.function))
+            self.pool.start()
 
     def close(self) -> None:
         with self._lock:
-            for worker in self._pool:
-                worker.stop()
-            self._pool = []
+            self.pool.close()
 
     def __enter__(self) -> Verifier:
         return self
@@ -362,8 +236,6 @@ class Verifier:
                strategy: str | None = None, timeout_s: float | None = None) -> list[bool]:
         """One verdict per (response, gold) pair; ``strategy`` and ``timeout_s`` override the
         pool's for this call."""
-        if self.function:
-            raise ValueError("Verifier.verify: this pool runs a reward function; use score()")
         strategy = strategy or self.strategy
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         if len(responses) != len(golds):
@@ -387,125 +259,10 @@ class Verifier:
                 for i, pred, gold in slow:
                     verdicts[i] = math_verify_check(pred, gold, timeout_s)
             else:
-                with self._lock:
-                    self._run_pool(slow, timeout_s,
-                                   lambda i, msg: verdicts.__setitem__(i, msg[1] is True))
+                with self._lock:  # an item given up stays False
+                    self.pool.run(slow, timeout_s,
+                                  lambda i, msg: verdicts.__setitem__(i, msg[1] is True))
         return verdicts
-
-    def score(self, responses: Sequence[str], rows: Sequence[dict]) -> Scores:
-        """The pool's reward function on each (response, row) pair, one call per answer in a
-        worker process: a call that raises, returns something other than a number, overruns
-        ``timeout_s`` or kills its worker scores 0 and is counted."""
-        if not self.function:
-            raise ValueError("Verifier.score: no reward function; use verify()")
-        if len(responses) != len(rows):
-            raise ValueError(f"rows: {len(rows)} rows for {len(responses)} responses")
-        scores = Scores([0.0] * len(responses))
-
-        def record(index: int, message: list) -> None:
-            if len(message) > 2:  # [index, null, error]
-                scores.errors += 1
-                scores.first_error = scores.first_error or message[2]
-            else:
-                scores.values[index] = float(message[1])
-
-        items = [(i, r, row) for i, (r, row) in enumerate(zip(responses, rows, strict=True))]
-        with self._lock:
-            self._run_pool(items, self.timeout_s, record)
-            for _, timed_out in self._given_up:
-                if timed_out:
-                    scores.timeouts += 1
-                else:
-                    scores.errors += 1
-                    scores.first_error = scores.first_error or "the call killed its worker " \
-                        "process twice (out of memory, or a crash in native code)"
-        return scores
-
-    def _run_pool(self, items: list[tuple], timeout_s: float,
-                  on_result: Callable[[int, list], None]) -> None:
-        self._fill_pool()
-        size = max(1, min(self.chunk_size, -(-len(items) // (8 * len(self._pool)))))
-        queue = deque(items[i: i + size] for i in range(0, len(items), size))
-        busy: dict[int, _Worker] = {}
-        deaths: dict[int, int] = {}  # item index → worker deaths while it was being checked
-        self._given_up = []
-        finished = False
-        try:
-            for worker in list(self._pool):
-                self._dispatch(worker, queue, busy, deaths, timeout_s)
-            while busy:
-                readable = _readable(list(busy), 0.05)
-                now = time.monotonic()
-                for fd in readable:
-                    worker = busy[fd]
-                    messages = worker.receive()
-                    if messages is None:  # died (e.g. out of memory) or spoke nonsense
-                        self._replace(worker, queue, busy, deaths, timeout_s, timed_out=False)
-                        continue
-                    for message in messages:
-                        if isinstance(message, dict):  # {"ready": true}: the clock starts now
-                            worker.ready, self._failed_starts = True, 0
-                        else:
-                            index = message[0]
-                            on_result(index, message)
-                            worker.pending = [p for p in worker.pending if p[0] != index]
-                        worker.last_progress = now
-                    if worker.ready and not worker.pending:
-                        del busy[fd]
-                        self._dispatch(worker, queue, busy, deaths, timeout_s)
-                for worker in list(busy.values()):
-                    limit = timeout_s + 0.5 if worker.ready else _STARTUP_LIMIT_S
-                    if now - worker.last_progress > limit:
-                        self._replace(worker, queue, busy, deaths, timeout_s,
-                                      timed_out=worker.ready)
-            finished = True
-        finally:
-            if not finished:  # interrupted: a worker still mid-chunk would answer the next call
-                for worker in busy.values():
-                    worker.kill()
-
-    def _dispatch(self, worker: _Worker, queue: deque, busy: dict[int, _Worker],
-                  deaths: dict[int, int], timeout_s: float) -> None:
-        if not queue:
-            return
-        chunk = queue.popleft()
-        try:
-            worker.send(chunk, timeout_s)
-        except OSError:  # dead but not yet noticed: not the chunk's fault
-            worker.pending = []
-            queue.appendleft(chunk)
-            self._replace(worker, queue, busy, deaths, timeout_s, timed_out=False)
-            return
-        busy[worker.fd] = worker
-
-    def _replace(self, worker: _Worker, queue: deque, busy: dict[int, _Worker],
-                 deaths: dict[int, int], timeout_s: float, timed_out: bool) -> None:
-        """Replace a stuck or dead worker and requeue its unchecked items.
-
-        The item it was on stays False if it overran the time limit, or if a worker already
-        died on it once (so an item that kills workers is given up after its second try).
-        """
-        busy.pop(worker.fd, None)
-        worker.kill()
-        self.restarts += 1
-        rest = worker.pending
-        if not worker.ready and rest:
-            self._failed_starts += 1
-            if self._failed_starts >= _STARTUP_FAILURES:
-                raise VerifierError(
-                    f"{self._failed_starts} verifier workers in a row died while starting; run "
-                    f"`{sys.executable} -m nftune._verify_worker` to see the error")
-        elif rest:
-            head = rest[0][0]
-            deaths[head] = deaths.get(head, 0) + 1
-            if timed_out or deaths[head] >= 2:
-                self._given_up.append((head, timed_out))
-                rest = rest[1:]
-        if rest:
-            queue.appendleft(rest)
-        fresh = _Worker(self.memory_mb, self.function)
-        self._pool[self._pool.index(worker)] = fresh
-        self._dispatch(fresh, queue, busy, deaths, timeout_s)
 
 
 _shared: Verifier | None = None
@@ -524,7 +281,7 @@ def verify_batch(responses: Sequence[str], golds: Sequence[str], *, strategy: st
     global _shared
     with _shared_lock:
         pool = _shared
-        if pool is None or (pool.workers, pool.memory_mb) != (_worker_count(workers), memory_mb):
+        if pool is None or (pool.workers, pool.memory_mb) != (worker_count(workers), memory_mb):
             if pool is not None:
                 pool.close()
             pool = _shared = Verifier(workers, timeout_s, memory_mb)
