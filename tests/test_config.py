@@ -30,6 +30,7 @@ def test_yaml_then_command_line(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("algo: rft\nlr: 2.0e-6\nsteps: 7\ndynamic_sampling: false\n")
     cfg = build_config(str(path), parse_overrides(["--steps", "9", "--eval-k=4",
+                                                   "--eval-temperature", "1.0",
                                                    "--weight", "grpo"]))
     assert (cfg.algo, cfg.lr, cfg.steps, cfg.eval_k) == ("rft", 2e-6, 9, 4)
     assert cfg.dynamic_sampling is False and cfg.weight == "grpo"

@@ -5,8 +5,10 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import run_cli
 
+from nftune.data import Question
 from nftune.evaluate import EvalResult, format_table, pass_at_k
 
 BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "bench"
@@ -103,3 +105,38 @@ def test_responses_in_either_form_are_graded_without_a_template(tmp_path):
     summary = json.loads((tmp_path / "mixed.json").read_text())["summary"]
     assert {name: s["avg_at_k"] for name, s in summary.items()} == {name: 1.0 for name in SIX}
     assert "answer extraction: auto" in done.stdout
+
+
+def test_pass_at_every_k_from_n_samples_by_hand():
+    """Two questions, n = 4 samples each, 1 and 3 right. Written down: pass@1 = c/n averaged
+    (1/4 + 3/4)/2 = 0.5; pass@2 = 1 − C(n−c, 2)/C(4, 2): (1 − 3/6 + 1 − 0/6)/2 = 0.75;
+    pass@3: (1 − 1/4 + 1)/2 = 0.875; pass@4 = 1 (each question has a right answer)."""
+    from nftune.evaluate import grade_items
+    from nftune.verify import Verifier
+
+    questions = [Question("a", "1+1", "2", "t"), Question("b", "2+2", "4", "t")]
+    responses = [["Answer: 2", "Answer: 3", "Answer: 5", "Answer: 7"],
+                 ["Answer: 4", "Answer: 4", "Answer: 1", "Answer: 4"]]
+    with Verifier(workers=0) as verifier:
+        result = grade_items("t", questions, responses, verifier)
+    assert result.pass_at == pytest.approx({1: 0.5, 2: 0.75, 3: 0.875, 4: 1.0})
+    assert result.avg_at_k == pytest.approx(result.pass_at[1])
+    assert result.pass_at_k == pytest.approx(1.0)
+
+
+def test_greedy_is_one_answer_said_not_silently_forced(tiny_base, arithmetic_files):
+    from nftune.config import build_config
+    from nftune.evaluate import benchmark_k, evaluate_questions
+    from nftune.policy import load_policy
+    from nftune.verify import Verifier
+
+    model, tokenizer = load_policy(str(tiny_base), torch.device("cpu"))
+    with Verifier(workers=0) as verifier, pytest.raises(ValueError, match="greedy"):
+        evaluate_questions(model, tokenizer, [Question("a", "1+1", "2", "t")], k=4,
+                           temperature=0.0, verifier=verifier)
+    with pytest.warns(UserWarning, match="1 answer per question, not the protocol's 32"):
+        assert benchmark_k("aime24", None, temperature=0.0) == 1
+    assert benchmark_k("aime24", None, temperature=1.0) == 32
+    assert benchmark_k("aime24", 4, temperature=1.0) == 4
+    with pytest.raises(ValueError, match="eval_k: greedy evaluation"):
+        build_config(None, {"eval_k": 4, "eval_temperature": 0.0})

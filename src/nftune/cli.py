@@ -280,8 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated sets (default: the paper's six)")
     p.add_argument("--data-dir", default=None,
                    help="directory of <name>.jsonl sets (default $NFTUNE_DATA_DIR, else hub)")
-    p.add_argument("--k", type=int, default=None,
-                   help="samples per question (default 32 for AIME24/25, AMC23; 1 otherwise)")
+    p.add_argument("--samples", "--k", dest="k", type=int, default=None,
+                   help="samples per question, n (default 32 for AIME24/25, AMC23; 1 otherwise "
+                        "and when greedy); avg@n and pass@k for every k <= n are reported")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="1.0 for 7B models, 0.6 for 32B in the paper")
     p.add_argument("--top-p", type=float, default=0.7)

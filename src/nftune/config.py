@@ -180,7 +180,8 @@ class TrainConfig:
     eval_every: int = _option(0, "Evaluate every N steps and at the end (0 = never).")
     eval_data: str = _option("", "Comma-separated evaluation sets (names or paths).")
     eval_limit: int | None = _option(None, "Evaluate on the first N questions of each set.")
-    eval_k: int = _option(1, "Samples per evaluation question (avg@k).")
+    eval_k: int = _option(1, "Samples per evaluation question (avg@k); above 1 needs "
+                                "eval_temperature above 0.")
     eval_temperature: float = _option(0.0, "Evaluation temperature (0 = greedy).")
     eval_top_p: float = _option(1.0, "Evaluation nucleus sampling.")
     eval_max_new_tokens: int | None = _option(None, "Evaluation response limit "
@@ -257,6 +258,9 @@ class TrainConfig:
             (self.top_k >= 0, "top_k: must be 0 (off) or more"),
             (self.verify_timeout_s > 0, "verify_timeout_s: must be positive"),
             (self.eval_k >= 1, "eval_k: must be at least 1"),
+            (self.eval_k == 1 or self.eval_temperature > 0,
+             f"eval_k: greedy evaluation (eval_temperature 0) gives one answer per question; "
+             f"{self.eval_k} samples need eval_temperature above 0"),
             (self.max_nan_steps >= 1, "max_nan_steps: must be at least 1"),
             (self.answers_per_prompt >= 2, "answers_per_prompt: needs at least 2 answers"),
             (self.prompts_per_step >= 1, "prompts_per_step: must be at least 1"),

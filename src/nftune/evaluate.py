@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,21 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+def pass_at_every_k(n: int, correct: list[int]) -> dict[int, float]:
+    """pass@k for every k ≤ n, each the mean over questions of the unbiased estimator from
+    the n samples of each (``correct[i]`` of question i's n were right)."""
+    return {k: sum(pass_at_k(n, c, k) for c in correct) / max(1, len(correct))
+            for k in range(1, n + 1)}
+
+
 @dataclass
 class EvalResult:
     name: str
-    k: int
-    avg_at_k: float  # mean accuracy over all k samples of all questions
-    pass_at_k: float
+    k: int  # samples per question, n
+    avg_at_k: float  # mean accuracy over all n samples of all questions (= pass@1)
+    pass_at_k: float  # pass@n
     questions: int
+    pass_at: dict[int, float] = field(default_factory=dict)  # pass@k for every k ≤ n
     items: list[dict[str, Any]] = field(default_factory=list)
     generate_s: float = 0.0
     verify_s: float = 0.0
@@ -45,9 +54,11 @@ def evaluate_questions(model, tokenizer, questions: list[Question], *, name: str
                        batch_size: int = 64, verifier: Verifier | Reward,
                        engine: GenerationEngine | None = None) -> EvalResult:
     """Generate ``k`` answers per question (greedy when temperature is 0) with ``engine``
-    (default: Hugging Face ``generate`` on ``model``) and grade them."""
-    if temperature <= 0:
-        k = 1
+    (default: Hugging Face ``generate`` on ``model``) and grade them. Greedy decoding gives
+    one answer per question: temperature 0 with k > 1 is an error."""
+    if temperature <= 0 and k > 1:
+        raise ValueError(f"k: greedy decoding (temperature 0) gives one answer per question; "
+                         f"{k} samples need a temperature above 0")
     engine = engine or HFEngine(model, tokenizer, batch_size)
     prompts = [format_prompt(q.problem, template, tokenizer) for q in questions]
     start = time.perf_counter()
@@ -104,8 +115,17 @@ DEFAULT_K = {"aime24": 32, "aime25": 32, "amc23": 32}
 DEFAULT_TEMPLATE = {"aime24": "dapo", "aime25": "dapo", "amc23": "dapo"}
 
 
-def benchmark_k(name: str, k: int | None) -> int:
-    return k if k is not None else DEFAULT_K.get(name, 1)
+def benchmark_k(name: str, k: int | None, temperature: float = 1.0) -> int:
+    """Samples per question: ``k`` if given, else the paper's for the set — one when decoding
+    greedily (temperature 0), which gives one answer (said once, as a warning)."""
+    if k is not None:
+        return k
+    if temperature <= 0 and DEFAULT_K.get(name, 1) > 1:
+        warnings.warn(f"{name}: greedy decoding (temperature 0): 1 answer per question, not "
+                      f"the protocol's {DEFAULT_K[name]} (avg@1, not avg@{DEFAULT_K[name]})",
+                      stacklevel=2)
+        return 1
+    return DEFAULT_K.get(name, 1)
 
 
 def benchmark_template(name: str, template: str | None) -> str:
@@ -142,9 +162,10 @@ def grade_items(name: str, questions: list[Question], responses: list[list[str]]
                       "correct": [bool(verdicts[j]) for j in rows]})
         n_correct.append(sum(verdicts[j] for j in rows))
     total = max(1, len(questions) * k)
+    every = pass_at_every_k(k, n_correct) if k else {}
     return EvalResult(name=name, k=k, avg_at_k=sum(n_correct) / total,
-                      pass_at_k=sum(pass_at_k(k, c, k) for c in n_correct) / max(1, len(questions)),
-                      questions=len(questions), items=items, verify_s=verify_s)
+                      pass_at_k=every.get(k, 0.0), questions=len(questions), pass_at=every,
+                      items=items, verify_s=verify_s)
 
 
 def format_table(results: list[EvalResult], title: str = "model") -> str:
@@ -169,6 +190,7 @@ def write_eval_outputs(results: list[EvalResult], output: Path, title: str,
     md_path = output.with_suffix(".md")
     payload = {"model": title, "settings": settings,
                "summary": {r.name: {"k": r.k, "avg_at_k": r.avg_at_k, "pass_at_k": r.pass_at_k,
+                                    "pass_at": {str(k): v for k, v in r.pass_at.items()},
                                     "questions": r.questions} for r in results},
                "average": sum(r.avg_at_k for r in results) / max(1, len(results)),
                "items": {r.name: r.items for r in results}}
@@ -277,7 +299,8 @@ def evaluate_model(model_path: str, benchmarks: list[str], verifier: Verifier, *
     for name in benchmarks:
         qs = load_questions(name, data_dir=data_dir, clean=False, limit=limit)
         results.append(evaluate_questions(
-            model, tokenizer, qs.questions, name=Path(name).stem, k=benchmark_k(name, k),
+            model, tokenizer, qs.questions, name=Path(name).stem,
+            k=benchmark_k(name, k, temperature),
             temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
             template=benchmark_template(name, template), verifier=verifier, engine=engine))
     return results
