@@ -140,3 +140,34 @@ def test_greedy_is_one_answer_said_not_silently_forced(tiny_base, arithmetic_fil
     assert benchmark_k("aime24", 4, temperature=1.0) == 4
     with pytest.raises(ValueError, match="eval_k: greedy evaluation"):
         build_config(None, {"eval_k": 4, "eval_temperature": 0.0})
+
+
+def test_progress_bar_drives_whole_batches_and_keeps_the_answers(tiny_base, arithmetic_files):
+    """With the bar, the Hugging Face engine is driven a whole number of its batches at a time
+    (here 4 prompts × 2 answers per call of 8): the same seed gives the same answers."""
+    from nftune.data import load_questions
+    from nftune.evaluate import evaluate_questions
+    from nftune.rollout import HFEngine
+    from nftune.verify import Verifier
+
+    questions = load_questions(str(arithmetic_files["test"])).questions
+    engine = HFEngine.for_evaluation(str(tiny_base), device="cpu", batch_size=8)
+    texts = {}
+    with Verifier(workers=0) as verifier:
+        for progress in (False, True):
+            torch.manual_seed(0)
+            result = evaluate_questions(engine.model, engine.tokenizer, questions, k=2,
+                                        temperature=1.0, template="raw", max_new_tokens=24,
+                                        verifier=verifier, engine=engine, progress=progress)
+            texts[progress] = [r for item in result.items for r in item["responses"]]
+    assert len(texts[True]) == 32 and texts[True] == texts[False]
+
+
+def test_hf_evaluation_dtype(tiny_base):
+    from nftune.rollout import HFEngine
+
+    assert HFEngine.for_evaluation(str(tiny_base), device="cpu").model.dtype == torch.float32
+    bf16 = HFEngine.for_evaluation(str(tiny_base), device="cpu", dtype="bfloat16")
+    assert bf16.model.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="--dtype"):
+        HFEngine.for_evaluation(str(tiny_base), device="cpu", dtype="float16")

@@ -151,9 +151,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 seed=args.seed, k=args.k, temperature=args.temperature, top_p=args.top_p,
                 max_new_tokens=args.max_new_tokens, template=args.template,
                 batch_size=args.batch_size, limit=args.limit, data_dir=data_dir,
-                engine_name=args.engine)
+                engine_name=args.engine, dtype=args.dtype, progress=not args.no_progress)
             title = args.model
-    settings = {"engine": args.engine, "temperature": args.temperature, "top_p": args.top_p,
+    settings = {"engine": args.engine,
+                "dtype": args.dtype or ("float32" if args.engine == "hf" else "the model's"),
+                "temperature": args.temperature, "top_p": args.top_p,
                 "max_new_tokens": args.max_new_tokens, "template": args.template or "per set",
                 "k": args.k or "per set (32 for AIME/AMC, 1 otherwise)"}
     print(format_table(results, title))
@@ -297,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="hf", choices=sorted(ENGINES),
                    help="generation engine: hf (Hugging Face generate) or vllm (the vllm extra)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (it shows answers/s and the time left)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="the model's compute dtype (default: float32 with hf; vllm: the dtype "
+                        "the model's config declares)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verify-workers", type=int, default=None)
     p.add_argument("--output", default=None,

@@ -52,27 +52,45 @@ def evaluate_questions(model, tokenizer, questions: list[Question], *, name: str
                        k: int = 1, temperature: float = 0.0, top_p: float = 1.0,
                        max_new_tokens: int = 256, template: str = "dapo",
                        batch_size: int = 64, verifier: Verifier | Reward,
-                       engine: GenerationEngine | None = None) -> EvalResult:
+                       engine: GenerationEngine | None = None,
+                       progress: bool = False) -> EvalResult:
     """Generate ``k`` answers per question (greedy when temperature is 0) with ``engine``
     (default: Hugging Face ``generate`` on ``model``) and grade them. Greedy decoding gives
-    one answer per question: temperature 0 with k > 1 is an error."""
+    one answer per question: temperature 0 with k > 1 is an error. ``progress``: a bar with
+    answers/s and the time left (the Hugging Face engine is driven a whole number of its
+    batches at a time, so the answers are those of one call)."""
     if temperature <= 0 and k > 1:
         raise ValueError(f"k: greedy decoding (temperature 0) gives one answer per question; "
                          f"{k} samples need a temperature above 0")
     engine = engine or HFEngine(model, tokenizer, batch_size)
     prompts = [format_prompt(q.problem, template, tokenizer) for q in questions]
+    step = len(prompts)
+    if progress and isinstance(engine, HFEngine):
+        step = max(1, math.lcm(engine.batch_size, k) // k)  # prompts per whole batches
+    texts: list[str] = []
+    cut: list[bool] = []
+    tokens = 0
     start = time.perf_counter()
-    rollout = engine.generate(prompts, k, max_new_tokens=max_new_tokens,
-                              temperature=temperature, top_p=top_p, top_k=0)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(prompts) * k, unit="answer", desc=name, disable=not progress,
+              dynamic_ncols=True) as bar:
+        for first in range(0, len(prompts), step):
+            rollout = engine.generate(prompts[first: first + step], k,
+                                      max_new_tokens=max_new_tokens, temperature=temperature,
+                                      top_p=top_p, top_k=0)
+            texts += rollout.texts
+            cut += rollout.truncated.cpu().tolist()
+            tokens += int(rollout.response_mask.sum().item())
+            bar.update(len(rollout.texts))
     generate_s = time.perf_counter() - start
-    cut = rollout.truncated.cpu().tolist()
     result = grade_items(name, questions,
-                         [rollout.texts[i * k:(i + 1) * k] for i in range(len(questions))],
+                         [texts[i * k:(i + 1) * k] for i in range(len(questions))],
                          verifier, truncated=[cut[i * k:(i + 1) * k]
                                               for i in range(len(questions))],
                          strategy=strategy_for(template))
     result.generate_s = generate_s
-    result.response_tokens = int(rollout.response_mask.sum().item())
+    result.response_tokens = tokens
     return result
 
 
@@ -280,10 +298,12 @@ def evaluate_model(model_path: str, benchmarks: list[str], verifier: Verifier, *
                    device: str = "auto", seed: int = 0, k: int | None = None,
                    temperature: float = 1.0, top_p: float = 0.7, max_new_tokens: int = 4096,
                    template: str | None = None, batch_size: int = 64, limit: int | None = None,
-                   data_dir: str | None = None, engine_name: str = "hf") -> list[EvalResult]:
+                   data_dir: str | None = None, engine_name: str = "hf",
+                   dtype: str | None = None, progress: bool = False) -> list[EvalResult]:
     """The paper's protocol on a model: each benchmark with its k and template unless given.
     ``engine_name`` "vllm" generates with vLLM (:class:`nftune.rollout.VLLMEngine`, the model's
-    own dtype) and never loads the model into torch."""
+    own dtype) and never loads the model into torch; ``dtype`` (float32 | bfloat16) is the
+    Hugging Face engine's (default float32)."""
     import torch
 
     from nftune.config import engine_class
@@ -293,7 +313,9 @@ def evaluate_model(model_path: str, benchmarks: list[str], verifier: Verifier, *
         cls = engine_class(engine_name)
     except ValueError as err:
         raise ValueError(f"--{err}") from None
-    engine = cls.for_evaluation(model_path, device=device, batch_size=batch_size, seed=seed)
+    options = {"dtype": dtype} if dtype else {}
+    engine = cls.for_evaluation(model_path, device=device, batch_size=batch_size, seed=seed,
+                                **options)
     model, tokenizer = getattr(engine, "model", None), engine.tokenizer
     results = []
     for name in benchmarks:
@@ -302,5 +324,6 @@ def evaluate_model(model_path: str, benchmarks: list[str], verifier: Verifier, *
             model, tokenizer, qs.questions, name=Path(name).stem,
             k=benchmark_k(name, k, temperature),
             temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-            template=benchmark_template(name, template), verifier=verifier, engine=engine))
+            template=benchmark_template(name, template), verifier=verifier, engine=engine,
+            progress=progress))
     return results

@@ -347,11 +347,14 @@ class HFEngine:
 
     @classmethod
     def for_evaluation(cls, model_path: str, *, device: str = "auto", batch_size: int = 64,
-                       seed: int = 0) -> HFEngine:
-        """A saved model to evaluate, loaded into torch (float32)."""
+                       seed: int = 0, dtype: str = "float32") -> HFEngine:
+        """A saved model to evaluate, loaded into torch in ``dtype`` (float32 or bfloat16)."""
         from nftune.policy import load_policy, pick_device
 
-        model, tokenizer = load_policy(model_path, pick_device(device))
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"--dtype: {dtype!r}; valid: float32, bfloat16")
+        model, tokenizer = load_policy(model_path, pick_device(device),
+                                       dtype=getattr(torch, dtype))
         return cls(model, tokenizer, batch_size)
 
     def generate(self, prompts: list[str], k: int, *, max_new_tokens: int,
@@ -429,7 +432,7 @@ class VLLMEngine:
 
     @classmethod
     def for_evaluation(cls, model_path: str, *, device: str = "auto", batch_size: int = 64,
-                       seed: int = 0) -> VLLMEngine:
+                       seed: int = 0, dtype: str | None = None) -> VLLMEngine:
         """A saved model to evaluate, loaded by vLLM alone (never into torch), in the dtype its
         config declares: vLLM's ``auto`` would run a float32 model in half precision."""
         from transformers import GenerationConfig
@@ -442,7 +445,7 @@ class VLLMEngine:
         except OSError:  # no generation_config.json: the tokenizer's EOS ends answers
             generation_config = None
         return cls(model_path, load_tokenizer(model_path), seed=seed,
-                   dtype=str(declared_dtype(model_path)).removeprefix("torch."),
+                   dtype=dtype or str(declared_dtype(model_path)).removeprefix("torch."),
                    generation_config=generation_config)
 
     @classmethod
