@@ -186,6 +186,7 @@ def test_chat_template_wraps_the_inner_prompt():
         format_prompt("2+2?", "chat", object())
 
 
+@pytest.mark.skipif(not (BENCH / "dapo17k.jsonl").exists(), reason="no shared data")
 def test_hub_copy_of_dapo17k_repeated_as_on_the_hub_cleans_to_the_same_questions(monkeypatch):
     """The hub's DAPO-Math-17k has ~1.79 M rows: the 17,917 rows repeated (100 ×, each with its
     own index). Loaded by name, 400 real rows laid out like that copy and repeated 25 × (in
