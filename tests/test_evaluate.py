@@ -171,3 +171,35 @@ def test_hf_evaluation_dtype(tiny_base):
     assert bf16.model.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="--dtype"):
         HFEngine.for_evaluation(str(tiny_base), device="cpu", dtype="float16")
+
+
+def test_last_curve_point_equals_nftune_eval_of_the_final_model(arithmetic_files, tmp_path):
+    """In-training evaluation and `nftune eval` are one code path: greedy, on the same
+    questions with the run's template, the last step's logged accuracy is what `nftune eval`
+    reports for final/ (the same weights)."""
+    from helpers import tiny_run_config
+
+    from nftune.tasks.arithmetic import make_questions
+    from nftune.tasks.base_model import SHIPPED_DIR
+    from nftune.train import train
+
+    # the demo's shipped base (84.6% greedy on its held-out split) and 16 of those questions
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps(q.__dict__) + "\n"
+                            for q in make_questions(16, "test", 0, 2)))
+    arithmetic_files = {**arithmetic_files, "test": test}
+    out = tmp_path / "run"
+    cfg = tiny_run_config(SHIPPED_DIR, arithmetic_files, out, steps=2, eval_every=2,
+                          eval_data=str(test), eval_temperature=0.0, eval_k=1,
+                          max_new_tokens=48, lr=1e-4)
+    final = train(cfg, progress=False)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    curve = rows[-1]["eval/test/avg@1"]
+    done = eval_cli("--model", str(final), "--benchmarks", str(arithmetic_files["test"]),
+                    "--template", cfg.template, "--temperature", "0", "--samples", "1",
+                    "--max-new-tokens", str(cfg.max_new_tokens), "--output",
+                    str(tmp_path / "eval"), "--verify-workers", "1", "--no-progress")
+    assert done.returncode == 0, done.stderr[-2000:]
+    reported = json.loads((tmp_path / "eval.json").read_text())["summary"]["test"]["avg_at_k"]
+    assert 0 < curve < 1  # a number that can differ
+    assert reported == curve
