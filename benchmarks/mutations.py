@@ -26,8 +26,8 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
     "truncated answers not forced wrong": [
         ("train.py", "    reward = reward * (~rollout.truncated).float()", "    pass")],
     "response mask stops before the EOS": [
-        ("rollout.py", "response_mask = ((is_eos.long().cumsum(1) - is_eos.long()) == 0).long()",
-         "response_mask = (is_eos.long().cumsum(1) == 0).long()")],
+        ("rollout.py", "response_mask = ((is_stop.long().cumsum(1) - is_stop.long()) == 0).long()",
+         "response_mask = (is_stop.long().cumsum(1) == 0).long()")],
     "evaluation counts truncated answers right": [
         ("evaluate.py", "verdicts = [v and not c for v, c in zip(verdicts, cut, strict=True)]",
          "verdicts = list(verdicts)")],
