@@ -84,6 +84,13 @@ def test_tiny_model_end_to_end(tiny_base, arithmetic_files, tmp_path):
     assert result["summary"]["test"]["avg_at_k"] == pytest.approx(
         sum(sum(i["correct"]) for i in items) / 32)
     assert "generation:" in done.stdout and "tokens/s" in done.stdout
+    # the protocol, what was changed from it, the engine and the versions travel with the table
+    assert "protocol: nft-paper" in done.stdout and "changed: --template raw, --samples 2" \
+        in done.stdout
+    settings = result["settings"]
+    assert settings["protocol"] == "nft-paper" and settings["engine"] == "hf"
+    assert settings["overrides"] == ["--template raw", "--samples 2"]
+    assert {"nftune", "torch", "transformers", "math-verify"} <= set(settings["versions"])
 
 
 @pytest.mark.skipif(not BENCH.exists(), reason="../shared/data/bench not present")

