@@ -97,6 +97,7 @@ def main() -> None:
     from nftune.data import format_prompt
     from nftune.policy import load_tokenizer
     from nftune.rollout import HFEngine, VLLMEngine
+    from nftune.sampling import Sampling
     from nftune.tasks.arithmetic import make_questions
     from nftune.update import recompute_logprobs
 
@@ -129,7 +130,8 @@ def main() -> None:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
-                rollout = engine.generate(prompts, args.k, record_logprobs=name == "hf", **shape)
+                rollout = engine.generate(prompts, Sampling(n=args.k, **shape),
+                                          record_logprobs=name == "hf")
                 generated = time.perf_counter() - start
                 if name == "vllm":  # π_old: the trainer's forward
                     recompute_logprobs(model, rollout, 16384)

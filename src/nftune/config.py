@@ -14,6 +14,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from nftune.sampling import Sampling
+
 # ---------------------------------------------------------------------------------------------
 # Generation engines, declared here so that the config can validate a name without importing
 # torch; the classes live in nftune.rollout. Adding an engine: its class there, one line here.
@@ -300,6 +302,18 @@ class TrainConfig:
                 raise ValueError(f"objective_args: expected name=value, got {item!r}")
             out[name.strip()] = yaml.safe_load(value)
         return out
+
+    def rollout_sampling(self) -> Sampling:
+        """How training answers are sampled (``answers_per_prompt`` of them per question)."""
+        return Sampling(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                        max_new_tokens=self.max_new_tokens, n=self.answers_per_prompt,
+                        seed=self.seed)
+
+    def eval_sampling(self) -> Sampling:
+        """How in-training evaluation samples (``eval_k`` answers per question)."""
+        return Sampling(temperature=self.eval_temperature, top_p=self.eval_top_p, top_k=0,
+                        max_new_tokens=self.eval_max_new_tokens or self.max_new_tokens,
+                        n=self.eval_k, seed=self.seed)
 
     def objective_hparams(self) -> dict[str, Any]:
         """The objective's hyper-parameters for this run: the config's keys, then

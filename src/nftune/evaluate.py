@@ -15,6 +15,7 @@ from typing import Any
 from nftune.data import Question, format_prompt, load_questions, strategy_for
 from nftune.reward import Reward
 from nftune.rollout import GenerationEngine, HFEngine
+from nftune.sampling import Sampling
 from nftune.verify import Verifier
 
 
@@ -52,16 +53,18 @@ def evaluate_questions(model, tokenizer, questions: list[Question], *, name: str
                        k: int = 1, temperature: float = 0.0, top_p: float = 1.0,
                        max_new_tokens: int = 256, template: str = "dapo",
                        batch_size: int = 64, verifier: Verifier | Reward,
-                       engine: GenerationEngine | None = None,
-                       progress: bool = False) -> EvalResult:
-    """Generate ``k`` answers per question (greedy when temperature is 0) with ``engine``
-    (default: Hugging Face ``generate`` on ``model``) and grade them. Greedy decoding gives
-    one answer per question: temperature 0 with k > 1 is an error. ``progress``: a bar with
-    answers/s and the time left (the Hugging Face engine is driven a whole number of its
-    batches at a time, so the answers are those of one call)."""
-    if temperature <= 0 and k > 1:
-        raise ValueError(f"k: greedy decoding (temperature 0) gives one answer per question; "
-                         f"{k} samples need a temperature above 0")
+                       engine: GenerationEngine | None = None, progress: bool = False,
+                       sampling: Sampling | None = None) -> EvalResult:
+    """Generate answers to ``questions`` with ``engine`` (default: Hugging Face ``generate``
+    on ``model``) and grade them. ``sampling`` says how (``k``, ``temperature``, ``top_p`` and
+    ``max_new_tokens`` build it when it is not given; greedy gives one answer: temperature 0
+    with k > 1 is an error). ``progress``: a bar with answers/s and the time left (the Hugging
+    Face engine is driven a whole number of its batches at a time, so the answers are those of
+    one call)."""
+    if sampling is None:
+        sampling = Sampling(temperature=temperature, top_p=top_p, top_k=0,
+                            max_new_tokens=max_new_tokens, n=k)
+    k = sampling.n
     engine = engine or HFEngine(model, tokenizer, batch_size)
     prompts = [format_prompt(q.problem, template, tokenizer) for q in questions]
     step = len(prompts)
@@ -76,9 +79,7 @@ def evaluate_questions(model, tokenizer, questions: list[Question], *, name: str
     with tqdm(total=len(prompts) * k, unit="answer", desc=name, disable=not progress,
               dynamic_ncols=True) as bar:
         for first in range(0, len(prompts), step):
-            rollout = engine.generate(prompts[first: first + step], k,
-                                      max_new_tokens=max_new_tokens, temperature=temperature,
-                                      top_p=top_p, top_k=0)
+            rollout = engine.generate(prompts[first: first + step], sampling)
             texts += rollout.texts
             cut += rollout.truncated.cpu().tolist()
             tokens += int(rollout.response_mask.sum().item())
@@ -109,11 +110,9 @@ def evaluate_sets(engine: GenerationEngine, tokenizer, eval_sets: dict[str, list
     k > 1), as the trainer logs them."""
     out = {}
     for name, questions in eval_sets.items():
-        result = evaluate_questions(
-            None, tokenizer, questions, name=name, k=cfg.eval_k,
-            temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
-            max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
-            template=cfg.template, verifier=verifier, engine=engine)
+        result = evaluate_questions(None, tokenizer, questions, name=name,
+                                    sampling=cfg.eval_sampling(), template=cfg.template,
+                                    verifier=verifier, engine=engine)
         out[f"eval/{name}/avg@{result.k}"] = result.avg_at_k
         if result.k > 1:
             out[f"eval/{name}/pass@{result.k}"] = result.pass_at_k

@@ -21,6 +21,8 @@ from typing import Protocol
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from nftune.sampling import Sampling
+
 Tensor = torch.Tensor
 
 
@@ -303,11 +305,11 @@ class GenerationEngine(Protocol):
     # forward computes them (then ``old_logprobs: generate`` saves that forward)
     records_logprobs: bool
 
-    def generate(self, prompts: list[str], k: int, *, max_new_tokens: int,
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+    def generate(self, prompts: list[str], sampling: Sampling, *,
                  record_logprobs: bool = False) -> Rollout:
-        """``k`` answers per prompt from the current policy, as one :class:`Rollout` (with
-        π_old's per-token log-probs and entropy if ``record_logprobs``)."""
+        """``sampling.n`` answers per prompt from the current policy, sampled as ``sampling``
+        says, as one :class:`Rollout` (with π_old's per-token log-probs and entropy if
+        ``record_logprobs``)."""
         ...
 
     def update_weights(self, model) -> None:
@@ -357,17 +359,16 @@ class HFEngine:
                                        dtype=getattr(torch, dtype))
         return cls(model, tokenizer, batch_size)
 
-    def generate(self, prompts: list[str], k: int, *, max_new_tokens: int,
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+    def generate(self, prompts: list[str], sampling: Sampling, *,
                  record_logprobs: bool = False) -> Rollout:
         was_training = self.model.training
         self.model.eval()
         try:
             with self.precision():
-                return generate_rollout(self.model, self.tokenizer, prompts, k,
-                                        max_new_tokens=max_new_tokens,
-                                        temperature=temperature, top_p=top_p, top_k=top_k,
-                                        batch_size=self.batch_size,
+                return generate_rollout(self.model, self.tokenizer, prompts, sampling.n,
+                                        max_new_tokens=sampling.max_new_tokens,
+                                        temperature=sampling.temperature, top_p=sampling.top_p,
+                                        top_k=sampling.top_k, batch_size=self.batch_size,
                                         record_logprobs=record_logprobs)
         finally:
             self.model.train(was_training)
@@ -455,8 +456,7 @@ class VLLMEngine:
                    gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                    sleep=cfg.vllm_sleep, max_model_len=cfg.vllm_max_model_len)
 
-    def generate(self, prompts: list[str], k: int, *, max_new_tokens: int,
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+    def generate(self, prompts: list[str], sampling: Sampling, *,
                  record_logprobs: bool = False) -> Rollout:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -470,13 +470,14 @@ class VLLMEngine:
         if self.stale:
             self._push_weights()
         encoded = encode_prompts(self.tokenizer, prompts)
+        k, greedy = sampling.n, sampling.greedy
         seed = int(torch.randint(0, 2**31 - 1 - len(prompts) * k, ()).item())
-        greedy = temperature <= 0
         # one seed per answer: vLLM seeds the j-th of n answers with seed + j
         params = [SamplingParams(
-            n=k, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
-            top_k=0 if greedy else top_k, seed=seed + i * k,
-            max_tokens=answer_budget(len(ids), max_new_tokens, self.context),
+            n=k, temperature=0.0 if greedy else sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p, top_k=0 if greedy else sampling.top_k,
+            seed=seed + i * k,
+            max_tokens=answer_budget(len(ids), sampling.max_new_tokens, self.context),
             logprobs=0, detokenize=False, stop_token_ids=self.stop_ids)
             for i, ids in enumerate(encoded)]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded],

@@ -169,9 +169,8 @@ def collect_rollout(model, tokenizer, questions: list[Question], sampler: Prompt
         batch = [questions[i] for i in sampler.take(count)]
         start = time.perf_counter()
         rollout = engine.generate(
-            [format_prompt(q.problem, cfg.template, tokenizer) for q in batch], k,
-            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-            top_k=cfg.top_k, record_logprobs=cfg.old_logprobs == "generate")
+            [format_prompt(q.problem, cfg.template, tokenizer) for q in batch],
+            cfg.rollout_sampling(), record_logprobs=cfg.old_logprobs == "generate")
         time_gen += time.perf_counter() - start
         start = time.perf_counter()
         scores = score_answers(reward, rollout, batch, k, cfg)

@@ -26,6 +26,7 @@ else:
 from nftune.data import format_prompt  # noqa: E402
 from nftune.policy import load_policy  # noqa: E402
 from nftune.rollout import HFEngine, VLLMEngine  # noqa: E402
+from nftune.sampling import Sampling  # noqa: E402
 from nftune.tasks.arithmetic import make_questions  # noqa: E402
 from nftune.update import recompute_logprobs, response_logprobs  # noqa: E402
 
@@ -79,9 +80,10 @@ def test_sampled_accuracy_matches_hf_generate(policy, engine, prompts):
     questions, k = make_questions(120, "test", 0, 1), 8
     torch.manual_seed(0)
     hf = _per_question_accuracy(HFEngine(model, tokenizer, 256).generate(
-        prompts, k, max_new_tokens=24), questions, k)
+        prompts, Sampling(n=k, max_new_tokens=24)), questions, k)
     torch.manual_seed(1)
-    vl = _per_question_accuracy(engine.generate(prompts, k, max_new_tokens=24), questions, k)
+    vl = _per_question_accuracy(engine.generate(prompts, Sampling(n=k, max_new_tokens=24)),
+                                questions, k)
 
     def mean_var(xs):
         m = sum(xs) / len(xs)
@@ -100,7 +102,7 @@ def test_answer_logprobs_match_the_trainers_forward(policy, engine, prompts):
     off-by-one position would differ by more than 0.01 on most tokens."""
     model, _ = policy
     torch.manual_seed(0)
-    rollout = engine.generate(prompts[:32], 4, max_new_tokens=24)
+    rollout = engine.generate(prompts[:32], Sampling(n=4, max_new_tokens=24))
     assert rollout.engine_logprobs is not None
     trainer, _ = recompute_logprobs(model, rollout, 16384)
     mask = rollout.response_mask.bool()
@@ -114,7 +116,7 @@ def test_temperature_is_in_the_engine_logprobs(policy, engine, prompts):
     """At temperature 0.7 vLLM reports log-probs of logits / 0.7, as the trainer computes."""
     model, _ = policy
     torch.manual_seed(0)
-    rollout = engine.generate(prompts[:16], 4, max_new_tokens=24, temperature=0.7)
+    rollout = engine.generate(prompts[:16], Sampling(n=4, max_new_tokens=24, temperature=0.7))
     trainer, _ = recompute_logprobs(model, rollout, 16384, temperature=0.7)
     untempered, _ = recompute_logprobs(model, rollout, 16384)
     mask = rollout.response_mask.bool()
@@ -213,7 +215,7 @@ def test_every_declared_eos_ends_an_answer(base32, tmp_path):
     questions = make_questions(16, "test", 0, 1)
     torch.manual_seed(0)
     rollout = engine.generate([format_prompt(q.problem, "raw", tokenizer) for q in questions],
-                              2, max_new_tokens=40)
+                              Sampling(n=2, max_new_tokens=40))
     assert rollout.truncated.float().mean().item() < 0.2
     last = rollout.input_ids[:, rollout.prompt_len:].gather(
         1, (rollout.response_lengths - 1).clamp(min=0)[:, None]).flatten()
