@@ -210,3 +210,19 @@ def test_last_curve_point_equals_nftune_eval_of_the_final_model(arithmetic_files
     reported = json.loads((tmp_path / "eval.json").read_text())["summary"]["test"]["avg_at_k"]
     assert 0 < curve < 1  # a number that can differ
     assert reported == curve
+
+
+def test_paper_protocol_temperature_follows_the_model_size(tiny_base, tmp_path):
+    """The paper samples its 7B models at 1.0 and its 32B model at 0.6: decided from the
+    config's parameter count (meta device, no weights)."""
+    from transformers import Qwen2Config
+
+    from nftune.evaluate import model_parameters, paper_temperature
+
+    assert paper_temperature(str(tiny_base)) == 1.0
+    big = tmp_path / "qwen2.5-32b-shape"
+    Qwen2Config(vocab_size=152064, hidden_size=5120, intermediate_size=27648,
+                num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
+                tie_word_embeddings=False).save_pretrained(big)
+    assert 32e9 < model_parameters(str(big)) < 33.5e9  # Qwen2.5-32B: 32.8 B
+    assert paper_temperature(str(big)) == 0.6

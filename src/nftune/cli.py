@@ -129,6 +129,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         evaluate_model,
         format_table,
         grade_responses,
+        paper_temperature,
         versions,
         write_eval_outputs,
     )
@@ -148,6 +149,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             title = Path(args.responses).stem
             print(f"answer extraction: {strategy} ({EXTRACTION[strategy]})")
         else:
+            protocol_temperature = paper_temperature(args.model)
+            if args.temperature is None:
+                args.temperature = protocol_temperature
             results = evaluate_model(
                 args.model, chosen or list(PAPER_BENCHMARKS), verifier, device=args.device,
                 seed=args.seed, k=args.k, temperature=args.temperature, top_p=args.top_p,
@@ -157,7 +161,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             title = args.model
     overrides = [f"--{name.replace('_', '-')} {value}" for name, value, default in (
         ("template", args.template, None), ("samples", args.k, None),
-        ("temperature", args.temperature, 1.0), ("top_p", args.top_p, 0.7))
+        ("temperature", args.temperature, protocol_temperature if args.model else None),
+        ("top_p", args.top_p, 0.7))
         if value != default]
     settings = {"protocol": args.protocol, "overrides": overrides, "model": title,
                 "engine": args.engine,
@@ -299,8 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", "--k", dest="k", type=int, default=None,
                    help="samples per question, n (default 32 for AIME24/25, AMC23; 1 otherwise "
                         "and when greedy); avg@n and pass@k for every k <= n are reported")
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="1.0 for 7B models, 0.6 for 32B in the paper")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="default: the protocol's (nft-paper: 1.0 below 20 B parameters, 0.6 "
+                        "from there, as the paper's 7B and 32B models); 0 is greedy")
     p.add_argument("--top-p", type=float, default=0.7)
     p.add_argument("--max-new-tokens", type=int, default=4096,
                    help="answer length limit (default 4096), cut where prompt and answer "

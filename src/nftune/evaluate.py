@@ -229,8 +229,30 @@ def write_eval_outputs(results: list[EvalResult], output: Path, title: str,
 PROTOCOLS = {
     "nft-paper": "the NFT paper's: each benchmark with its own template (dapo for AIME24/25 and "
                  "AMC23, boxed otherwise), avg@32 on AIME24/25 and AMC23, avg@1 on the others, "
-                 "top-p 0.7, temperature 1.0 (0.6 for 32B models: --temperature 0.6)",
+                 "top-p 0.7, temperature 1.0 below 20 B parameters and 0.6 from there (its 7B "
+                 "and 32B models)",
 }
+
+
+LARGE_MODEL_PARAMETERS = 20e9  # the paper samples its 32B model at 0.6, its 7B ones at 1.0
+
+
+def model_parameters(model_path: str) -> int:
+    """The model's parameter count from its config alone (built on the meta device: no
+    weights are read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def paper_temperature(model_path: str) -> float:
+    """The nft-paper protocol's temperature for a model: 0.6 from 20 B parameters (its 32B
+    model), 1.0 below (its 7B ones)."""
+    return 0.6 if model_parameters(model_path) >= LARGE_MODEL_PARAMETERS else 1.0
 
 
 def versions() -> dict[str, str]:
