@@ -168,14 +168,13 @@ def save_final_model(directory: Path, model, tokenizer, cfg: TrainConfig,
 # ---------------------------------------------------------------------------------------------
 
 
+def _distinct(tensors) -> list[torch.Tensor]:
+    """Each tensor once: tensors that share storage (tied embeddings) count once."""
+    return list({(t.data_ptr(), t.dtype, t.numel()): t for t in tensors}.values())
+
+
 def _tensor_bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        key = (t.data_ptr(), t.dtype, t.numel())
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
+    return sum(t.numel() * t.element_size() for t in _distinct(tensors))
 
 
 # a checkpoint's small files: trainer_state.json (the config, the optimizer's layout),
@@ -199,7 +198,7 @@ def final_bytes(model, dtype: torch.dtype) -> int:
 
     base = model.get_base_model() if is_lora(model) else model
     weights = [p for n, p in base.state_dict().items() if ".lora_" not in n]
-    size = sum(p.numel() for p in {(t.data_ptr(), t.numel()): t for t in weights}.values())
+    size = sum(t.numel() for t in _distinct(weights))
     adapters = _tensor_bytes([p for p in model.parameters() if p.requires_grad]) \
         if is_lora(model) else 0
     return size * torch.empty((), dtype=dtype).element_size() + adapters

@@ -159,22 +159,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size, limit=args.limit, data_dir=data_dir,
                 engine_name=args.engine, dtype=args.dtype, progress=not args.no_progress)
             title = args.model
-    overrides = [f"--{name.replace('_', '-')} {value}" for name, value, default in (
-        ("template", args.template, None), ("samples", args.k, None),
-        ("temperature", args.temperature, protocol_temperature if args.model else None),
-        ("top_p", args.top_p, 0.7))
-        if value != default]
-    settings = {"protocol": args.protocol, "overrides": overrides, "model": title,
-                "engine": args.engine,
-                "dtype": args.dtype or ("float32" if args.engine == "hf" else "the model's"),
-                "temperature": args.temperature, "top_p": args.top_p,
-                "max_new_tokens": args.max_new_tokens, "template": args.template or "per set",
-                "k": args.k or "per set (32 for AIME/AMC, 1 otherwise)",
-                "versions": versions()}
-    if args.model:  # (precomputed responses were generated under someone else's settings)
+    if args.model:
+        overrides = [f"--{name.replace('_', '-')} {value}" for name, value, default in (
+            ("template", args.template, None), ("samples", args.k, None),
+            ("temperature", args.temperature, protocol_temperature),
+            ("top_p", args.top_p, 0.7)) if value != default]
+        settings = {"protocol": args.protocol, "overrides": overrides, "model": title,
+                    "engine": args.engine,
+                    "dtype": args.dtype or ("float32" if args.engine == "hf" else "the model's"),
+                    "temperature": args.temperature, "top_p": args.top_p,
+                    "max_new_tokens": args.max_new_tokens,
+                    "template": args.template or "per set",
+                    "k": args.k or "per set (32 for AIME/AMC, 1 otherwise)",
+                    "versions": versions()}
         print(f"protocol: {args.protocol} ({PROTOCOLS[args.protocol]})"
               + (f"; changed: {', '.join(overrides)}" if overrides else ""))
-    else:
+    else:  # precomputed responses: generated under someone else's settings
         settings = {"graded": args.responses, "template": args.template or "either form",
                     "versions": versions()}
     print(format_table(results, title))

@@ -14,7 +14,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from nftune.sampling import Sampling
+from nftune.sampling import Sampling, is_greedy
 
 # ---------------------------------------------------------------------------------------------
 # Generation engines, declared here so that the config can validate a name without importing
@@ -260,7 +260,7 @@ class TrainConfig:
             (self.top_k >= 0, "top_k: must be 0 (off) or more"),
             (self.verify_timeout_s > 0, "verify_timeout_s: must be positive"),
             (self.eval_k >= 1, "eval_k: must be at least 1"),
-            (self.eval_k == 1 or self.eval_temperature > 0,
+            (self.eval_k == 1 or not is_greedy(self.eval_temperature),
              f"eval_k: greedy evaluation (eval_temperature 0) gives one answer per question; "
              f"{self.eval_k} samples need eval_temperature above 0"),
             (self.max_nan_steps >= 1, "max_nan_steps: must be at least 1"),

@@ -15,7 +15,7 @@ from typing import Any
 from nftune.data import Question, format_prompt, load_questions, strategy_for
 from nftune.reward import Reward
 from nftune.rollout import GenerationEngine, HFEngine
-from nftune.sampling import Sampling
+from nftune.sampling import Sampling, is_greedy
 from nftune.verify import Verifier
 
 
@@ -137,7 +137,7 @@ def benchmark_k(name: str, k: int | None, temperature: float = 1.0) -> int:
     greedily (temperature 0), which gives one answer (said once, as a warning)."""
     if k is not None:
         return k
-    if temperature <= 0 and DEFAULT_K.get(name, 1) > 1:
+    if is_greedy(temperature) and DEFAULT_K.get(name, 1) > 1:
         warnings.warn(f"{name}: greedy decoding (temperature 0): 1 answer per question, not "
                       f"the protocol's {DEFAULT_K[name]} (avg@1, not avg@{DEFAULT_K[name]})",
                       stacklevel=2)

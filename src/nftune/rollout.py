@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from nftune.sampling import Sampling
+from nftune.sampling import Sampling, is_greedy
 
 Tensor = torch.Tensor
 
@@ -226,7 +226,7 @@ def generate_rollout(model, tokenizer, prompts: list[str], k: int, *, max_new_to
     rows = [encoded[i] for i in range(len(prompts)) for _ in range(k)]
     chunks, chunk_logprobs = [], []
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
-    if temperature <= 0:
+    if is_greedy(temperature):
         sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     sampling.update(repetition_penalty=1.0, no_repeat_ngram_size=0)
     for start in range(0, len(rows), batch_size):

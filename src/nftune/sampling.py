@@ -7,6 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 
+def is_greedy(temperature: float) -> bool:
+    """Temperature 0 means greedy decoding: the most likely token at every step."""
+    return temperature <= 0
+
+
 @dataclass(frozen=True)
 class Sampling:
     """Sampling of ``n`` answers per prompt.
@@ -40,8 +45,7 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
-        """Greedy decoding: the most likely token at every step."""
-        return self.temperature <= 0
+        return is_greedy(self.temperature)
 
     def with_n(self, n: int) -> Sampling:
         return replace(self, n=n)
