@@ -226,3 +226,6 @@ def test_paper_protocol_temperature_follows_the_model_size(tiny_base, tmp_path):
                 tie_word_embeddings=False).save_pretrained(big)
     assert 32e9 < model_parameters(str(big)) < 33.5e9  # Qwen2.5-32B: 32.8 B
     assert paper_temperature(str(big)) == 0.6
+    # no readable config: the 7B setting, and loading the model is what reports the problem
+    assert model_parameters(str(tmp_path / "missing")) is None
+    assert paper_temperature(str(tmp_path / "missing")) == 1.0

@@ -237,22 +237,27 @@ PROTOCOLS = {
 LARGE_MODEL_PARAMETERS = 20e9  # the paper samples its 32B model at 0.6, its 7B ones at 1.0
 
 
-def model_parameters(model_path: str) -> int:
+def model_parameters(model_path: str) -> int | None:
     """The model's parameter count from its config alone (built on the meta device: no
-    weights are read)."""
+    weights are read); None where the config cannot be read or built (loading the model then
+    says why)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError):
+        return None
     return sum(p.numel() for p in model.parameters())
 
 
 def paper_temperature(model_path: str) -> float:
     """The nft-paper protocol's temperature for a model: 0.6 from 20 B parameters (its 32B
-    model), 1.0 below (its 7B ones)."""
-    return 0.6 if model_parameters(model_path) >= LARGE_MODEL_PARAMETERS else 1.0
+    model), 1.0 below (its 7B ones, and a model whose size cannot be read)."""
+    size = model_parameters(model_path)
+    return 0.6 if size is not None and size >= LARGE_MODEL_PARAMETERS else 1.0
 
 
 def versions() -> dict[str, str]:
