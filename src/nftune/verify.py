@@ -22,9 +22,7 @@ from collections.abc import Sequence
 from fractions import Fraction
 from functools import lru_cache
 
-from nftune.pool import PoolError, WorkerPool, worker_count
-
-VerifierError = PoolError  # the name the verifier's callers know
+from nftune.pool import WorkerPool, worker_count
 
 STRATEGIES = ("auto", "boxed", "answer_line")
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
