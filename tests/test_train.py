@@ -1,5 +1,6 @@
 """The trainer on a tiny model: resume after SIGKILL, degenerate rewards, NaN, errors, memory."""
 
+import copy
 import gc
 import json
 import os
@@ -257,6 +258,41 @@ def test_the_update_does_not_depend_on_micro_batching(tiny_base, arithmetic_file
     assert len(micro_batches(rollout, 150)) >= 3  # rows regrouped by length
     assert deltas[0].abs().max() > 1e-4  # the step did something
     torch.testing.assert_close(deltas[1], deltas[0], atol=1e-6, rtol=1e-5)
+
+
+def test_grad_share_wrong_matches_the_hand_computed_weights(tiny_base, arithmetic_files,
+                                                            tmp_path):
+    """grad_share_wrong = Σ over wrong answers' tokens of |∂loss/∂log π(a_t)| / Σ over all
+    tokens. On-policy (one mini-batch, R = 1) NFT with ω = 1 − r̂ and Dr.GRPO weigh a right
+    answer's token by (1 − r̂)/N and a wrong one's by r̂/N (Prop. 4.1/4.2), so the share is
+    Σ_wrong len·r̂ / (Σ_right len·(1 − r̂) + Σ_wrong len·r̂) from the answers' lengths; RFT
+    gives wrong answers no weight."""
+    from nftune.data import format_prompt, load_questions
+    from nftune.policy import load_policy, make_scheduler
+    from nftune.rollout import generate_rollout
+    from nftune.update import update_policy
+
+    model, tokenizer = load_policy(str(tiny_base), torch.device("cpu"))
+    questions = load_questions(str(arithmetic_files["train"])).questions[:4]
+    torch.manual_seed(0)
+    rollout = generate_rollout(model, tokenizer, [format_prompt(q.problem, "raw")
+                                                  for q in questions], 4, max_new_tokens=40,
+                               record_logprobs=True)
+    rollout.reward = torch.tensor([1., 0, 0, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 0])
+    rollout.r_hat = rollout.reward.view(4, 4).mean(1).repeat_interleave(4)
+    lengths = rollout.response_lengths.float()
+    right = rollout.reward == 1
+    wrong_weight = (lengths * rollout.r_hat)[~right].sum()
+    expected = wrong_weight / ((lengths * (1 - rollout.r_hat))[right].sum() + wrong_weight)
+    for algo, share in (("nft", expected.item()), ("dr_grpo", expected.item()), ("rft", 0.0)):
+        cfg = config(tiny_base, arithmetic_files, tmp_path, algo=algo, minibatches=1,
+                     warmup_steps=0)
+        cfg.resolve()
+        policy = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
+        metrics, _ = update_policy(policy, optimizer, make_scheduler(optimizer, cfg), rollout,
+                                   cfg, 0)
+        assert metrics["grad_share_wrong"] == pytest.approx(share, rel=1e-4, abs=1e-7), algo
 
 
 def test_bf16_autocast_path(tiny_base, arithmetic_files, tmp_path):

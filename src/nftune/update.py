@@ -314,6 +314,9 @@ def update_policy(model, optimizer, scheduler, batch: Rollout, cfg: TrainConfig,
         optimizer.zero_grad(set_to_none=True)
         step_metrics: dict[str, float] = {}
         finite = True
+        # |∂loss/∂log π(a_t)| summed over wrong answers' tokens and over all tokens: how much
+        # of the step's weight the wrong answers carry (0 for RFT, which drops them)
+        weight_wrong = weight_all = torch.zeros((), device=device)
         for micro in micro_batches(mb, cfg.micro_batch_tokens, keep_groups=keep_groups):
             piece = mb.select(micro).trimmed()
             with precision(cfg, device):
@@ -329,7 +332,14 @@ def update_policy(model, optimizer, scheduler, batch: Rollout, cfg: TrainConfig,
             if not torch.isfinite(loss):
                 finite = False
                 break
+            token_grad: list[Tensor] = []
+            if logprobs.requires_grad:
+                logprobs.register_hook(lambda g, kept=token_grad: kept.append(g.detach()))
             loss.backward()
+            if token_grad:
+                weight = token_grad[0].abs() * piece.response_mask
+                weight_all = weight_all + weight.sum()
+                weight_wrong = weight_wrong + weight[piece.reward == 0].sum()
             share = piece.response_mask.sum().item() / num_tokens.item()
             for key in ("loss", "loss_pos", "loss_neg"):
                 step_metrics[key] = step_metrics.get(key, 0.0) + m[key]
@@ -355,6 +365,8 @@ def update_policy(model, optimizer, scheduler, batch: Rollout, cfg: TrainConfig,
         scheduler.step()
         taken += 1
         step_metrics["grad_norm"] = grad_norm.item()
+        total = weight_all.item()
+        step_metrics["grad_share_wrong"] = weight_wrong.item() / total if total > 0 else 0.0
         for key, value in step_metrics.items():
             sums[key] = sums.get(key, 0.0) + value
     metrics = {key: value / taken for key, value in sums.items()} if taken else {}
