@@ -1,8 +1,9 @@
-"""Build the demo's base model and write it into the package (src/nftune/tasks/demo_base/).
+"""Build a demo task's base model and write it into the package (src/nftune/tasks/demo_base/
+for arithmetic, countdown_base/ for Countdown).
 
-Usage: python benchmarks/ship_demo_base.py [--from DIR]
+Usage: python benchmarks/ship_demo_base.py [--task arithmetic|countdown] [--from DIR]
 
-Builds the default BaseSpec (or copies an already built base from DIR, e.g. one of
+Builds the task's demo BaseSpec (or copies an already built base from DIR, e.g. one of
 benchmarks/demo_bases.py's cache), measures its held-out accuracy with the demo's own seeded
 evaluation, and records spec, SHA-256 of every file and that accuracy in nftune_base.json.
 A test checks the shipped files against those hashes and re-measures the accuracy.
@@ -19,19 +20,28 @@ from pathlib import Path
 
 import torch
 
-from nftune.demo import DemoSettings, _evaluate_both
+from nftune.demo import SETTINGS, _evaluate_both
 from nftune.policy import load_policy
-from nftune.tasks.arithmetic import make_questions
-from nftune.tasks.base_model import INFO_FILE, SHIPPED_DIR, _file_hashes, build_base_model
+from nftune.reward import Reward
+from nftune.tasks.base_model import (
+    INFO_FILE,
+    SHIPPED_BASES,
+    TASKS,
+    _file_hashes,
+    build_base_model,
+    task_module,
+)
 from nftune.verify import Verifier
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="arithmetic", choices=sorted(SHIPPED_BASES))
     parser.add_argument("--from", dest="source", type=Path, default=None)
     args = parser.parse_args()
-    settings = DemoSettings()
-    tmp = SHIPPED_DIR.with_name("demo_base.tmp")
+    settings = SETTINGS[args.task, False]
+    shipped = SHIPPED_BASES[args.task]
+    tmp = shipped.with_name(shipped.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if args.source:
         shutil.copytree(args.source, tmp)
@@ -41,9 +51,11 @@ def main() -> None:
     else:
         build_base_model(tmp, settings.base)
     model, tokenizer = load_policy(str(tmp), torch.device("cpu"))
-    test = make_questions(settings.test_questions, "test", 0, settings.base.level)
+    test = task_module(args.task).make_questions(settings.test_questions, "test", 0,
+                                                  settings.base.level)
     with Verifier(workers=2) as verifier:
-        measured = _evaluate_both(model, tokenizer, test, settings, verifier)
+        reward = Reward(verifier, TASKS[args.task], workers=verifier.workers)
+        measured = _evaluate_both(model, tokenizer, test, settings, reward)
     info = json.loads((tmp / INFO_FILE).read_text())
     info.update(sha256=_file_hashes(tmp),
                 accuracy={k: v.avg_at_k for k, v in measured.items()},
@@ -52,9 +64,9 @@ def main() -> None:
                 built_on=f"{platform.machine()} {platform.processor() or ''} torch "
                          f"{torch.__version__}".strip())
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    shutil.rmtree(SHIPPED_DIR, ignore_errors=True)
-    tmp.rename(SHIPPED_DIR)
-    print(f"shipped {SHIPPED_DIR}: sampled {info['accuracy']['sampled']:.1%}, greedy "
+    shutil.rmtree(shipped, ignore_errors=True)
+    tmp.rename(shipped)
+    print(f"shipped {shipped}: sampled {info['accuracy']['sampled']:.1%}, greedy "
           f"{info['accuracy']['greedy']:.1%}")
 
 

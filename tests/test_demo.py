@@ -5,6 +5,8 @@ import random
 import subprocess
 import sys
 
+import pytest
+
 from nftune.tasks.arithmetic import LEVELS, Problem, make_problems, make_questions
 from nftune.verify import Verifier
 
@@ -88,30 +90,42 @@ def test_paired_gain_by_hand():
     assert abs(gain - 1 / 3) < 1e-12 and abs(se - 1 / 6) < 1e-12
 
 
-def test_shipped_base_is_intact_and_scores_its_documented_accuracy():
+@pytest.mark.parametrize("task", ["arithmetic", "countdown"])
+def test_shipped_base_is_intact_and_scores_its_documented_accuracy(task):
     import torch
 
-    from nftune.demo import DemoSettings, _evaluate_both
+    from nftune.demo import SETTINGS, _evaluate_both
     from nftune.policy import load_policy
-    from nftune.tasks.base_model import INFO_FILE, SHIPPED_DIR, check_base_dir, shipped_spec
+    from nftune.reward import Reward
+    from nftune.tasks.base_model import (
+        INFO_FILE,
+        SHIPPED_BASES,
+        TASKS,
+        cached_base_model,
+        check_base_dir,
+        shipped_spec,
+        task_module,
+    )
 
-    settings = DemoSettings()
-    assert shipped_spec() == settings.base  # the demo starts from the shipped weights
-    info = check_base_dir(SHIPPED_DIR)
+    settings = SETTINGS[task, False]
+    shipped = SHIPPED_BASES[task]
+    assert shipped_spec(task) == settings.base  # the demo and compare start from these weights
+    assert cached_base_model("/nonexistent-cache", settings.base) == (shipped, "shipped")
+    info = check_base_dir(shipped)
     assert set(info["sha256"]) >= {"model.safetensors", "config.json", "tokenizer.json"}
-    assert (SHIPPED_DIR / INFO_FILE).exists()
-    model, tokenizer = load_policy(str(SHIPPED_DIR), torch.device("cpu"))
-    test = make_questions(settings.test_questions, "test", 0, settings.base.level)
+    assert (shipped / INFO_FILE).exists()
+    model, tokenizer = load_policy(str(shipped), torch.device("cpu"))
+    test = task_module(task).make_questions(settings.test_questions, "test", 0,
+                                            settings.base.level)
     with Verifier(workers=2) as v:
-        measured = _evaluate_both(model, tokenizer, test, settings, v)
+        measured = _evaluate_both(model, tokenizer, test, settings,
+                                  Reward(v, TASKS[task], workers=v.workers))
     for kind in ("sampled", "greedy"):  # another CPU may round differently: within 1 point
         assert abs(measured[kind].avg_at_k - info["accuracy"][kind]) <= 0.01, kind
 
 
 def test_a_damaged_base_is_refused(tmp_path):
     import shutil
-
-    import pytest
 
     from nftune.tasks.base_model import SHIPPED_DIR, check_base_dir
 

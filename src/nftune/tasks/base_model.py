@@ -27,6 +27,9 @@ from nftune.tasks.tiny_model import char_tokenizer, save_model_dir, tiny_qwen2
 
 TEMPLATE = "raw"  # the prompt is the expression itself; the solution starts on the next line
 SHIPPED_DIR = Path(__file__).with_name("demo_base")
+# base models shipped in the package, one per task (benchmarks/ship_demo_base.py writes them)
+SHIPPED_BASES = {"arithmetic": SHIPPED_DIR,
+                 "countdown": Path(__file__).with_name("countdown_base")}
 INFO_FILE = "nftune_base.json"
 # the demo's tasks (modules of nftune.tasks with make_problems / make_questions) → their reward
 TASKS = {"arithmetic": "math", "countdown": "countdown"}
@@ -129,8 +132,10 @@ def _file_hashes(path: Path) -> dict[str, str]:
             if p.is_file() and p.name != INFO_FILE}
 
 
-def shipped_spec() -> BaseSpec:
-    return BaseSpec(**json.loads((SHIPPED_DIR / INFO_FILE).read_text())["spec"])
+def shipped_spec(task: str = "arithmetic") -> BaseSpec | None:
+    """The spec of the base shipped for ``task``; None if none is."""
+    info = SHIPPED_BASES[task] / INFO_FILE
+    return BaseSpec(**json.loads(info.read_text())["spec"]) if info.exists() else None
 
 
 def check_base_dir(path: Path) -> dict:
@@ -154,9 +159,10 @@ def cached_base_model(cache_dir: str | Path, spec: BaseSpec = BaseSpec(), rebuil
     """The base model for ``spec``: the shipped one if it has this spec (checked against its
     hashes), else from the cache, building it if missing (or ``rebuild``). Returns (model dir,
     where it came from: "shipped" | "cached" | "built")."""
-    if not rebuild and (SHIPPED_DIR / INFO_FILE).exists() and shipped_spec() == spec:
-        check_base_dir(SHIPPED_DIR)
-        return SHIPPED_DIR, "shipped"
+    shipped = SHIPPED_BASES.get(spec.task)
+    if not rebuild and shipped is not None and shipped_spec(spec.task) == spec:
+        check_base_dir(shipped)
+        return shipped, "shipped"
     path = Path(cache_dir) / f"{spec.key()}-code{_code_hash(spec.task)}"
     if path.exists() and (path / INFO_FILE).exists() and not rebuild:
         check_base_dir(path)
