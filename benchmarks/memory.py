@@ -26,7 +26,8 @@ CPU allocator, not of the update, that GPU caching allocators do not share. Conf
               tokens at a time
     ckpt      before + gradient_checkpointing
     lora      before + LoRA r = 16 on every linear layer (float32 base)
-    default   nftune's defaults: hidden + gradient_checkpointing (full fine-tune, float32)
+    default   nftune's defaults: hidden, gradient_checkpointing auto (on for this model at
+              this micro-batch; the output says), full fine-tune, float32
     all       default + LoRA r = 16 + bfloat16 base
     trl       TRL's GRPOTrainer with its defaults (gradient checkpointing on) but float32 like
               nftune's defaults (TRL's default bf16=True autocast runs bfloat16 matmuls, which
@@ -53,7 +54,8 @@ CONFIGS = ("before", "hidden", "ckpt", "lora", "default", "all", "trl", "trl_noc
 # (log-probs from logits, gradient checkpointing, LoRA r = 16, bfloat16 base) per configuration
 OPTIONS = {"before": (True, False, False, False), "hidden": (False, False, False, False),
            "ckpt": (True, True, False, False), "lora": (True, False, True, False),
-           "default": (False, True, False, False), "all": (False, True, True, True)}
+           "default": (False, None, False, False), "all": (False, True, True, True)}
+# None: the config's default, gradient_checkpointing auto (on at these shapes: see the output)
 PROMPT = 64
 
 
@@ -96,7 +98,8 @@ def run_nftune(name: str, model_dir: str, rows: int, tokens: int, device: str = 
     update.LOGPROBS_FROM_HIDDEN_STATES = not logits
     cfg = build_config(None, dict(model=model_dir, train_data="unused", device=device,
                                   minibatches=1, micro_batch_tokens=rows * (PROMPT + tokens),
-                                  warmup_steps=0, lr=1e-6, gradient_checkpointing=ckpt,
+                                  warmup_steps=0, lr=1e-6,
+                                  gradient_checkpointing="auto" if ckpt is None else ckpt,
                                   lora_rank=16 if lora else 0,
                                   base_dtype="bfloat16" if bf16_base else "float32"))
     torch.manual_seed(0)
@@ -111,7 +114,8 @@ def run_nftune(name: str, model_dir: str, rows: int, tokens: int, device: str = 
     start = time.perf_counter()
     metrics, _ = update_policy(model, optimizer, scheduler, batch, cfg, 0)
     assert metrics["optimizer_steps"] == 1, metrics
-    return {"loaded_gb": loaded, "seconds": time.perf_counter() - start}
+    return {"loaded_gb": loaded, "seconds": time.perf_counter() - start,
+            "gradient_checkpointing": bool(model.is_gradient_checkpointing)}
 
 
 def _to(batch, device: str):
@@ -144,6 +148,11 @@ def run_trl(name: str, model_dir: str, rows: int, tokens: int, device: str = "cp
     data = Dataset.from_dict({"prompt": ["1+1"] * rows})
     trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **_: [0.0] * len(
         completions), args=config, train_dataset=data, processing_class=tokenizer)
+    if config.gradient_checkpointing:
+        # what Trainer.train() does before its first step (this script calls compute_loss
+        # directly, so without this TRL's default checkpointing would never switch on)
+        trainer.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=dict(config.gradient_checkpointing_kwargs or {}) or None)
     batch = _batch(rows, tokens, model.config.vocab_size)
     if device != "cpu":
         batch = _to(batch, device)
@@ -171,10 +180,9 @@ def run_trl(name: str, model_dir: str, rows: int, tokens: int, device: str = "cp
 
 GIB = 2**30
 OVERHEAD_GIB = 0.6  # the Python process with torch and transformers imported (measured: 0.44)
-# activations autograd keeps per token and decoder layer, in floats of the compute dtype
-# (layer norms, q/k/v/o inputs and outputs, the MLP's gate, up, activation and product):
-# 8 H + 4 I + 4 kv counted from Qwen2's layer
-ACTIVATION_TERMS = (8, 4, 4)
+# activations autograd keeps per token and decoder layer, in floats of the compute dtype: the
+# count nftune's gradient_checkpointing: auto decides by (8 H + 4 I + 4 kv, from Qwen2's layer)
+from nftune.policy import ACTIVATION_TERMS  # noqa: E402
 
 
 def count_params(shape: dict) -> tuple[int, int]:
@@ -224,7 +232,8 @@ def print_table(rows: int = 4, tokens: int = 1024) -> None:
     print("|---|---|---|" + "---|" * len(cards))
     for arch in ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"):
         for label, (logits, ckpt, lora, bf16_base) in settings.items():
-            gib = predict_gib(ARCHS[arch], rows, tokens, logits=logits, ckpt=ckpt, lora=lora,
+            gib = predict_gib(ARCHS[arch], rows, tokens, logits=logits,
+                              ckpt=ckpt is not False, lora=lora,  # auto: on at these sizes
                               bf16_base=bf16_base) - OVERHEAD_GIB + 1.0  # CUDA context ~1 GiB
             fits = ["yes" if gib * GIB <= c * 1e9 * 0.95 else "no" for c in cards]
             print(f"| {arch} | {label} | {gib:.1f} | " + " | ".join(fits) + " |")
@@ -289,11 +298,14 @@ def main() -> None:
             if name in OPTIONS:
                 logits, ckpt, lora, bf16_base = OPTIONS[name]
                 predicted = predict_gib(ARCHS[args.arch], args.rows, args.tokens, logits=logits,
-                                        ckpt=ckpt, lora=lora, bf16_base=bf16_base)
+                                        ckpt=r["gradient_checkpointing"], lora=lora,
+                                        bf16_base=bf16_base)
                 if args.device != "cpu":  # tensors only: no Python process in the figure
                     predicted -= OVERHEAD_GIB
                 model = f"; memory model {predicted:5.2f} GiB ({predicted / r['peak_gb'] - 1:+.0%})"
-            print(f"  {name:12s} peak {r['peak_gb']:6.2f} GiB (step {r['seconds']:6.1f} s{model})",
+            ckpt_state = "on" if r["gradient_checkpointing"] else "off"
+            print(f"  {name:12s} peak {r['peak_gb']:6.2f} GiB (checkpointing {ckpt_state}; step "
+                  f"{r['seconds']:6.1f} s{model})",
                   flush=True)
         trl = results.get("trl", {}).get("peak_gb")
         if trl:

@@ -2,6 +2,8 @@
 
 Usage: python benchmarks/vs_trl.py [--prompts 32] [--k 8] [--new-tokens 48] [--minibatches 4]
                                    [--rollouts 4] [--repeats 3] [--device cpu|cuda]
+                                   [--checkpointing defaults|on|off] [--logprobs hidden|logits]
+                                   [--shapes 4,1]
 
 Workload: one rollout of P questions × K answers (at most `--new-tokens` tokens), then M
 mini-batch optimizer steps on it; repeated `--rollouts` times. Both trainers run the GRPO
@@ -19,6 +21,13 @@ longest answer) over the same questions, with no verification or bookkeeping; nf
 is measured against it. Each figure is given twice: over all rollouts, and over rollouts 2..N —
 the first pays one-off warm-up (on a GPU: CUDA context, cuBLAS handles, kernel selection), so
 the second is the steady-state rate.
+
+Gradient checkpointing: ``--checkpointing defaults`` runs each trainer with its own default
+(nftune's ``auto``, TRL's ``True``), ``on``/``off`` sets both alike; the header prints what
+each ran with. The floor never recomputes activations. ``--logprobs logits`` takes nftune's
+(and the floor's) log-probs from the logits instead of the hidden states, as before issue 20.
+The floor is also given without its no-grad π_old forward, timed apart in the same process: a
+trainer that records π_old's log-probs while sampling (nftune's default) skips that pass.
 
 Needs `pip install -e ".[bench]"` (trl is a benchmark-only dependency).
 """
@@ -38,11 +47,18 @@ from pathlib import Path
 from workload import add_workload_args, base_model, device_name, questions, workload_config
 
 
+def checkpointing_overrides(args) -> dict:
+    return {} if args.checkpointing == "defaults" else {
+        "gradient_checkpointing": args.checkpointing == "on"}
+
+
 def run_nftune(args, workdir: Path, old_logprobs: str) -> dict:
+    from nftune.policy import uses_gradient_checkpointing
     from nftune.train import train
 
     cfg = workload_config(args, workdir, steps=args.rollouts, save_every=0,
-                          old_logprobs=old_logprobs, device=args.device)
+                          old_logprobs=old_logprobs, device=args.device,
+                          **checkpointing_overrides(args))
     start = time.perf_counter()
     train(cfg, progress=False)
     whole = time.perf_counter() - start
@@ -55,7 +71,8 @@ def run_nftune(args, workdir: Path, old_logprobs: str) -> dict:
     seconds = sum(r["time_step_s"] for r in rows)
     return {"seconds": seconds, "steady_seconds": seconds - rows[0]["time_step_s"],
             "mean_length": statistics.mean(r["response_length"] for r in rows),
-            "phases": phases, "setup_and_save_s": whole - seconds}
+            "phases": phases, "setup_and_save_s": whole - seconds,
+            "checkpointing": uses_gradient_checkpointing(cfg)}
 
 
 def run_trl(args, model_dir: Path, workdir: Path) -> dict:
@@ -86,7 +103,8 @@ def run_trl(args, model_dir: Path, workdir: Path) -> dict:
         learning_rate=1e-6, max_steps=args.rollouts * args.minibatches, num_iterations=1,
         report_to="none", save_strategy="no", logging_steps=1,  # logs carry answer lengths
         use_cpu=args.device == "cpu",
-        bf16=False, seed=0, disable_tqdm=True, dataloader_num_workers=0)
+        bf16=False, seed=0, disable_tqdm=True, dataloader_num_workers=0,
+        **checkpointing_overrides(args))
     marks: dict[str, float] = {}
 
     class FirstRolloutDone(TrainerCallback):
@@ -110,7 +128,8 @@ def run_trl(args, model_dir: Path, workdir: Path) -> dict:
     lengths = [x["completions/mean_length"] for x in trainer.state.log_history
                if "completions/mean_length" in x]
     return {"seconds": end - start, "steady_seconds": end - marks.get("first", start),
-            "mean_length": statistics.mean(lengths) if lengths else float("nan")}
+            "mean_length": statistics.mean(lengths) if lengths else float("nan"),
+            "checkpointing": bool(trainer.args.gradient_checkpointing)}
 
 
 def _trim(input_ids, attention_mask, response_mask, prompt_len: int):
@@ -140,6 +159,7 @@ def run_floor(args, model_dir: Path) -> dict:
     # generate the same answers and the comparison is not decided by answer lengths
     sampler = PromptSampler(len(qs), 0)
     lengths = []
+    old_pass = [0.0] * args.rollouts  # seconds of the no-grad π_old forward, per rollout
     start = time.perf_counter()
     first_done = start
     for r in range(args.rollouts):
@@ -164,7 +184,13 @@ def run_floor(args, model_dir: Path) -> dict:
             attn = torch.cat([enc["attention_mask"], response_mask], 1)
             lengths.append(response_mask.sum(1))
             ids, am, rm, plen = _trim(out, attn, response_mask, width)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            old_start = time.perf_counter()
             response_logprobs(model, ids, am, plen)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            old_pass[r] = time.perf_counter() - old_start
         model.train()
         for part in torch.arange(len(prompts)).tensor_split(args.minibatches):
             ids, am, rm, plen = _trim(out[part], attn[part], response_mask[part], width)
@@ -176,10 +202,15 @@ def run_floor(args, model_dir: Path) -> dict:
         torch.cuda.synchronize()
     end = time.perf_counter()
     return {"seconds": end - start, "steady_seconds": end - first_done,
-            "mean_length": torch.cat(lengths).float().mean().item()}
+            "old_pass_seconds": sum(old_pass), "steady_old_pass_seconds": sum(old_pass[1:]),
+            "mean_length": torch.cat(lengths).float().mean().item(), "checkpointing": False}
 
 
 def worker(args) -> None:
+    if args.logprobs == "logits":
+        from nftune import update
+
+        update.LOGPROBS_FROM_HIDDEN_STATES = False
     model = base_model(args.cache)
     with tempfile.TemporaryDirectory() as tmp:
         if args.worker == "trl":
@@ -200,7 +231,8 @@ def worker(args) -> None:
 def measure(kind: str, args, minibatches: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--prompts", str(args.prompts), "--k",
            str(args.k), "--new-tokens", str(args.new_tokens), "--minibatches", str(minibatches),
-           "--rollouts", str(args.rollouts), "--cache", args.cache, "--device", args.device]
+           "--rollouts", str(args.rollouts), "--cache", args.cache, "--device", args.device,
+           "--checkpointing", args.checkpointing, "--logprobs", args.logprobs]
     done = subprocess.run(cmd, capture_output=True, text=True)
     lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if done.returncode or not lines:
@@ -214,6 +246,12 @@ def main() -> None:
     parser.add_argument("--rollouts", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (same for all three)")
+    parser.add_argument("--checkpointing", default="defaults", choices=("defaults", "on", "off"),
+                        help="gradient checkpointing: each trainer's default, or both on/off")
+    parser.add_argument("--logprobs", default="hidden", choices=("hidden", "logits"),
+                        help="nftune's and the floor's log-probs from hidden states or logits")
+    parser.add_argument("--shapes", default=None,
+                        help="mini-batch counts to run, comma-separated (default: M and 1)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -224,8 +262,11 @@ def main() -> None:
     base_model(args.cache)  # build once, outside the timings
     answers = args.prompts * args.k * args.rollouts
     print(f"workload: {args.rollouts} rollouts × {args.prompts} questions × {args.k} answers, "
-          f"≤ {args.new_tokens} new tokens; device {device_name(args.device)}")
-    for m in (args.minibatches, 1):
+          f"≤ {args.new_tokens} new tokens; device {device_name(args.device)}; log-probs from "
+          f"{'hidden states' if args.logprobs == 'hidden' else 'logits'}")
+    shapes = ([int(x) for x in args.shapes.split(",")] if args.shapes
+              else [args.minibatches, 1])
+    for m in shapes:
         kinds = ["nftune", "nftune-recompute", "trl", "floor"]
         runs: dict[str, list[dict]] = {k: [] for k in kinds}
         for _ in range(args.repeats):
@@ -236,8 +277,13 @@ def main() -> None:
         rss = {k: max(r["peak_rss_mb"] for r in v) for k, v in runs.items()}
         gpu = {k: max(r.get("peak_gpu_mb", 0.0) for r in v) for k, v in runs.items()}
         later = answers - args.prompts * args.k  # answers of rollouts 2..N
+        ckpt = {k: sorted({r["checkpointing"] for r in v}) for k, v in runs.items()}
         print(f"\nshape M = {m} mini-batch steps per rollout (median of {args.repeats}); "
               f"answers/s over all {args.rollouts} rollouts | over rollouts 2..{args.rollouts}")
+        print("  gradient checkpointing (" + ("each trainer's default" if args.checkpointing
+                                              == "defaults" else f"set {args.checkpointing}")
+              + "): " + ", ".join(f"{k} {'/'.join('on' if c else 'off' for c in v)}"
+                                  for k, v in ckpt.items()))
         for kind in kinds:
             print(f"  {kind:<17} {answers / med[kind]:7.1f} | {later / steady[kind]:7.1f} "
                   f"answers/s  ({med[kind]:6.1f} s, mean answer "
@@ -249,6 +295,20 @@ def main() -> None:
                   f"(old_logprobs recompute: {t['trl'] / t['nftune-recompute']:.2f}x); "
                   f"overhead over the compute floor {100 * (t['nftune'] / t['floor'] - 1):+.0f}% "
                   f"(recompute: {100 * (t['nftune-recompute'] / t['floor'] - 1):+.0f}%)")
+        per_repeat = [trl["steady_seconds"] / ours["steady_seconds"]
+                      for ours, trl in zip(runs["nftune"], runs["trl"], strict=True)]
+        print(f"  rollouts 2..{args.rollouts}, each repeat: nftune / TRL answers/s "
+              + ", ".join(f"{x:.2f}x" for x in per_repeat))
+        floor_no_old = {
+            "all rollouts": med["floor"] - statistics.median(
+                r["old_pass_seconds"] for r in runs["floor"]),
+            f"rollouts 2..{args.rollouts}": steady["floor"] - statistics.median(
+                r["steady_old_pass_seconds"] for r in runs["floor"])}
+        print("  floor without its π_old pass (what a trainer that records π_old's log-probs "
+              "while sampling must do): " + "; ".join(
+                  f"{label}: nftune overhead {100 * (t['nftune'] / floor_no_old[label] - 1):+.0f}%"
+                  for label, t in (("all rollouts", med),
+                                   (f"rollouts 2..{args.rollouts}", steady))))
         phases = runs["nftune"][0].get("phases", {})
         if phases:
             print("  nftune phases (first repeat): " + ", ".join(

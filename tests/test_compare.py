@@ -21,29 +21,74 @@ def test_compare_runs_reports_and_resumes(tiny_base, arithmetic_files, tmp_path)
                    "--output-dir", str(out), "--no-progress")
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
-    assert set(result["summary"]) == {"nft", "rft"}
+    assert set(result["summary"]) == {"nft", "rft"} and result["reference"] == "nft"
+    questions = len(arithmetic_files["test"].read_text().splitlines())
+    base = json.loads((out / "base_eval.json").read_text())
+    # the base is evaluated twice with different seeds: one measures, one sorts by difficulty
+    assert {"sampled", "sampled_seed4321", "greedy"} <= set(base)
+    assert sum(result["bins"].values()) == questions
+    finals = {}
     for algo, s in result["summary"].items():
         assert s["seeds"] == [0, 1]
-        # each seed's accuracy is its run's last held-out evaluation, read from its own log
-        finals = []
+        finals[algo] = []
         for seed in (0, 1):
-            log = out / "runs" / f"{algo}-seed{seed}" / "metrics.jsonl"
-            rows = [json.loads(line) for line in log.read_text().splitlines()]
-            finals.append([r for r in rows if "eval/test/avg@2" in r][-1]["eval/test/avg@2"])
-        assert s["accuracy"] == finals
-        mean, std = s["accuracy_mean_std"]  # sample std of two values: |a − b| / √2
-        assert abs(mean - (finals[0] + finals[1]) / 2) < 1e-12
-        assert abs(std - abs(finals[0] - finals[1]) / 2 ** 0.5) < 1e-12
+            evaluated = json.loads((out / "runs" / f"{algo}-seed{seed}" / "final_eval.json")
+                                   .read_text())
+            per_question = evaluated["sampled"]["per_question"]
+            assert len(per_question) == questions and evaluated["sampled"]["k"] == 2
+            assert evaluated["greedy"]["k"] == 1
+            assert abs(evaluated["sampled"]["accuracy"] - sum(per_question) / questions) < 1e-9
+            finals[algo].append(evaluated["sampled"]["accuracy"])
+        assert s["accuracy"] == finals[algo]
+        mean, low, high = s["accuracy_mean_ci"]  # two values: ± t(0.975, 1) · |a − b| / 2
+        a, b = finals[algo]
+        assert abs(mean - (a + b) / 2) < 1e-12
+        assert abs((high - low) / 2 - 12.706 * abs(a - b) / 2) < 1e-9
+    paired = result["paired"]["rft"]["sampled"]
+    assert paired["per_seed"] == {"0": finals["nft"][0] - finals["rft"][0],
+                                  "1": finals["nft"][1] - finals["rft"][1]}
+    def trained(algo):  # runs that took an optimizer step (a tiny run may keep no group)
+        return [m for m in result["runs"][algo]
+                if any(r.get("optimizer_steps") for r in m["metrics"])]
+
+    assert trained("nft") and trained("rft")
+    assert all(0 < m["grad_share_wrong"] < 1 for m in trained("nft"))  # NFT learns from them
+    assert all(m["grad_share_wrong"] == 0 for m in trained("rft"))  # RFT drops them
     table = (out / "results.md").read_text()
-    assert "| base model |" in table and "| nft |" in table and " ± " in table
+    assert "| base model |" in table and "| nft |" in table and "| nft − rft |" in table
+    assert "nft ≥ RFT" in table and "Compute: 4 runs" in table
     assert (out / "curves.png").stat().st_size > 10_000
+    assert (out / "difficulty.png").stat().st_size > 10_000
 
     again = compare("--config", str(config), "--algos", "nft,rft", "--seeds", "2",
                     "--output-dir", str(out), "--no-progress")
+    assert again.returncode == 2 and "--resume" in again.stderr
+    again = compare("--config", str(config), "--algos", "nft,rft", "--seeds", "2",
+                    "--output-dir", str(out), "--no-progress", "--resume")
     assert again.returncode == 0 and again.stdout.count("skip ") == 4
+    changed = compare("--config", str(config), "--algos", "nft,rft", "--seeds", "2",
+                      "--output-dir", str(out), "--no-progress", "--resume", "--lr", "0.5")
+    assert changed.returncode == 2 and "other shared settings (lr)" in changed.stderr
 
     rebuilt = compare("--report", str(out))
     assert rebuilt.returncode == 0 and "| rft |" in rebuilt.stdout
+
+
+def test_confidence_intervals_bins_and_verdicts_by_hand():
+    from nftune.compare import _verdict, difficulty_bins, mean_ci
+
+    # 1..5: mean 3, sample std √2.5, t(0.975, 4) = 2.776 → half-width 2.776 · √2.5 / √5
+    mean, low, high = mean_ci([1, 2, 3, 4, 5])
+    assert mean == 3 and abs(high - 3 - 2.776 * (2.5 / 5) ** 0.5) < 1e-12 and low < 3
+    assert mean_ci([0.4])[0] == 0.4 and mean_ci([0.4])[1] != mean_ci([0.4])[1]  # NaN bound
+    rates = [0.0, 0.25, 0.5, 0.625, 0.75, 1.0]
+    assert difficulty_bins({"sampled": {"per_question": [9] * 6},
+                            "sampled_seed4321": {"per_question": rates}}) == {
+        "hard": [0, 1], "medium": [2, 3], "easy": [4, 5]}
+    assert _verdict([0.01, 0.05]) == "supported"
+    assert _verdict([-0.05, -0.01]) == "not supported"
+    assert _verdict([-0.01, 0.02]).startswith("inconclusive")
+    assert _verdict([-0.015, 0.02], -0.02) == "supported"  # "close to": within 2 points
 
 
 def test_sweep_labels_and_bad_algo(tiny_base, arithmetic_files, tmp_path):

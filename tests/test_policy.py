@@ -113,8 +113,8 @@ def test_gradient_checkpointing_gives_the_same_update_in_float64(tiny_base):
 
 
 def test_gradient_checkpointing_recomputes_each_layer_in_backward(tiny_base, arithmetic_files):
-    """What the switch changes: with it (the default) every decoder layer runs its forward
-    again during backward, without it once; the gradient is the same."""
+    """What the switch changes: with it every decoder layer runs its forward again during
+    backward, without it (auto's choice for this tiny model) once; the gradient is the same."""
     from nftune.policy import build_policy
     from nftune.update import response_logprobs
 
@@ -122,8 +122,8 @@ def test_gradient_checkpointing_recomputes_each_layer_in_backward(tiny_base, ari
     grads, calls = {}, {}
     for ckpt in (True, False):
         cfg = tiny_run_config(tiny_base, arithmetic_files, None, **(
-            {} if ckpt else {"gradient_checkpointing": False}))
-        assert cfg.gradient_checkpointing is ckpt  # on by default
+            {"gradient_checkpointing": True} if ckpt else {}))
+        assert cfg.gradient_checkpointing == ("true" if ckpt else "auto")
         model, _ = build_policy(cfg, CPU)
         model.train()
         layers = model.model.layers
@@ -193,3 +193,57 @@ def test_bf16_first_minibatch_is_on_policy(tiny_base, arithmetic_files):
         torch.testing.assert_close(logprobs.grad[informative], expected[informative].float(),
                                    rtol=1e-3, atol=1e-9)
     assert not math.isnan(metrics["loss"])
+
+
+def test_gradient_checkpointing_auto_follows_activation_memory(tiny_base, arithmetic_files):
+    """auto turns checkpointing on where one micro-batch's activations exceed 1/8 of the
+    device's memory. By hand for H = 64, I = 256, 4 heads with 2 kv heads (kv width 32),
+    2 layers: (8·64 + 4·256 + 4·32) values × 4 bytes × 2 layers = 13,312 bytes per token; on a
+    device of 8 × 2**30 bytes the line is 2**30 / 13,312 = 80,659.7 tokens."""
+    from transformers import Qwen2Config
+
+    from nftune.policy import activation_bytes, uses_gradient_checkpointing
+
+    shape = Qwen2Config(hidden_size=64, intermediate_size=256, num_attention_heads=4,
+                        num_key_value_heads=2, num_hidden_layers=2, vocab_size=32)
+    assert activation_bytes(shape, 1) == 13_312
+    device = 8 * 2**30
+
+    def decide(**settings):
+        cfg = tiny_run_config(tiny_base, arithmetic_files, None, **settings)
+        return uses_gradient_checkpointing(cfg, shape, device)
+
+    assert not decide(micro_batch_tokens=80_659)
+    assert decide(micro_batch_tokens=80_660)
+    assert not decide(micro_batch_tokens=161_319, bf16=True)  # 2 bytes a value
+    assert decide(micro_batch_tokens=161_320, bf16=True)
+    # an explicit setting wins, in any of the command line's or YAML's spellings
+    assert not decide(micro_batch_tokens=10**7, gradient_checkpointing="off")
+    assert decide(micro_batch_tokens=1, gradient_checkpointing=True)
+    assert decide(micro_batch_tokens=1, gradient_checkpointing="yes")
+    # a config without the decoder's shape: on (memory first)
+    assert uses_gradient_checkpointing(tiny_run_config(tiny_base, arithmetic_files, None),
+                                       object(), device)
+
+
+def test_gradient_checkpointing_auto_is_on_for_real_models_off_for_the_demo(tiny_base,
+                                                                          arithmetic_files):
+    """At the default micro-batch budget (16,384 tokens), on a 24 GB machine and on an 80 GB
+    card (lines at 3 and 10 GB): Qwen2.5-0.5B's activations (24 layers, H 896, I 4,864, kv 128)
+    are 16,384 · 24 · (8·896 + 4·4,864 + 4·128) · 4 bytes = 42.7 GB — on; the shipped demo
+    base's (3 layers, H 96, I 384, kv 48) 16,384 · 3 · (768 + 1,536 + 192) · 4 = 0.49 GB — off."""
+    from transformers import AutoConfig, Qwen2Config
+
+    import nftune.tasks
+    from nftune.policy import activation_bytes, uses_gradient_checkpointing
+
+    qwen05 = Qwen2Config(hidden_size=896, intermediate_size=4864, num_attention_heads=14,
+                         num_key_value_heads=2, num_hidden_layers=24, vocab_size=151_936)
+    demo = AutoConfig.from_pretrained(Path(nftune.tasks.__file__).parent / "demo_base")
+    assert activation_bytes(qwen05, 16_384) == 42_681_237_504
+    assert activation_bytes(demo, 16_384) == 490_733_568
+    cfg = tiny_run_config(tiny_base, arithmetic_files, None)
+    assert cfg.micro_batch_tokens == 16_384
+    for device in (24 * 10**9, 80 * 10**9):
+        assert uses_gradient_checkpointing(cfg, qwen05, device)
+        assert not uses_gradient_checkpointing(cfg, demo, device)

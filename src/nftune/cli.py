@@ -199,13 +199,7 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
 
     import yaml
 
-    from nftune.compare import (
-        build_report,
-        check_algos,
-        demo_base_config,
-        evaluate_base,
-        run_comparison,
-    )
+    from nftune.compare import build_report, check_algos, demo_base_config, run_comparison
     from nftune.config import parse_overrides
 
     algos = [a.strip() for a in args.algos.split(",")]
@@ -215,13 +209,17 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
         print((Path(args.report) / "results.md").read_text())
         return 0 if result["summary"] else 1
     out = Path(args.output_dir)
+    if (out / "plan.json").exists() and not args.resume:  # before writing anything there
+        raise UserError(f"{out}: holds a comparison already; --resume continues it (finished "
+                        "runs are kept), or choose another --output-dir")
+    final_eval: dict = {}
     if args.config:
         path = Path(args.config)
         if not path.exists():
             raise FileNotFoundError(f"{path}: config file not found")
         base = yaml.safe_load(path.read_text()) or {}
     else:
-        base, _ = demo_base_config(args.quick, args.cache_dir, out)
+        base, final_eval, _ = demo_base_config(args.quick, args.cache_dir, out, args.task)
     base.update(parse_overrides(extra))
     if not base.get("eval_data") or not int(base.get("eval_every") or 0):  # before evaluating
         raise UserError("compare needs held-out evaluation: set eval_data and eval_every")
@@ -232,9 +230,8 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
             raise UserError("--sweep: expected KEY=V1,V2,...")
         sweep = (key.replace("-", "_"), [v.strip() for v in values.split(",")])
     seeds = list(range(args.seeds))
-    base_accuracy = evaluate_base({**base, "algo": algos[0]}, out)
-    print(f"base model held-out accuracy: {100 * base_accuracy:.1f}")
-    run_comparison(base, algos, seeds, str(out), sweep, progress=not args.no_progress)
+    run_comparison(base, algos, seeds, str(out), sweep, progress=not args.no_progress,
+                   final_eval=final_eval, resume=args.resume)
     print((out / "results.md").read_text())
     return 0
 
@@ -288,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/compare")
     p.add_argument("--report", default=None, metavar="DIR",
                    help="only rebuild tables and plots from the finished runs in DIR")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the comparison in --output-dir: finished runs are kept, "
+                        "interrupted ones resume from their last checkpoint")
+    p.add_argument("--task", default="arithmetic", choices=("arithmetic", "countdown"),
+                   help="the demo task and its shipped base (without --config)")
     p.add_argument("--quick", action="store_true", help="the quick demo's smaller settings")
     p.add_argument("--cache-dir", default=None, help="demo base-model cache")
     p.add_argument("--no-progress", action="store_true")

@@ -82,10 +82,12 @@ class TrainConfig:
     device: str = _option("auto", "auto | cpu | cuda | cuda:N.")
     bf16: bool = _option(False, "bf16 autocast for every forward pass: sampling, π_old's "
                                 "log-probs and the update alike (log-softmax stays fp32).")
-    gradient_checkpointing: bool = _option(True, "Recompute each layer's activations in "
-                                                 "backward instead of keeping them (less "
-                                                 "memory, ~1/3 more compute; TRL's and "
-                                                 "verl's default too).")
+    gradient_checkpointing: str = _option(
+        "auto", "Recompute each layer's activations in backward instead of keeping them (less "
+                "memory, ~1/3 more compute). auto: on where the activations of one micro-batch "
+                "(micro_batch_tokens, estimated from the model's config) would exceed 1/8 of the "
+                "device's memory (a GPU's, or the machine's RAM) — every model from 0.5B up at "
+                "the default budget, not the demo's tiny model; true | false to choose.")
     lora_rank: int = _option(0, "LoRA rank r (PEFT); 0 = train every weight. Only adapters "
                                 "train and are checkpointed; final/ holds the merged model.")
     lora_alpha: float | None = _option(None, "LoRA α; the update is scaled by α / r "
@@ -204,6 +206,7 @@ class TrainConfig:
         from nftune.plugins import import_plugins
 
         import_plugins(self.plugins)
+        self.gradient_checkpointing = _auto_switch(self.gradient_checkpointing)
         objective = get_objective(self.algo)
         extra = self.extra_hparams()
         for name in list(extra) + [n for n in OBJECTIVE_KEYS if getattr(self, n) is not None]:
@@ -273,6 +276,8 @@ class TrainConfig:
             (self.lr_schedule in ("constant", "cosine"), "lr_schedule: constant or cosine"),
             (self.report_to in ("none", "tensorboard", "wandb"),
              "report_to: none, tensorboard or wandb"),
+            (self.gradient_checkpointing in ("auto", "true", "false"),
+             "gradient_checkpointing: auto, true or false"),
             (self.final_dtype in ("auto", "float32", "bfloat16", "float16"),
              "final_dtype: auto, float32, bfloat16 or float16"),
             (0 < self.overlong_buffer < 1, "overlong_buffer: a fraction in (0, 1)"),
@@ -377,6 +382,17 @@ def config_markdown() -> str:
     lines += ["", "Regenerate with `python -c \"from nftune.config import config_markdown; "
               "print(config_markdown(), end='')\" > docs/config.md`.", ""]
     return "\n".join(lines)
+
+
+def _auto_switch(value: Any) -> str:
+    """"auto", "true" or "false" from a YAML boolean or any of the command line's spellings
+    (anything else is left for validation to name)."""
+    text = str(value).lower()
+    if text in ("1", "true", "yes", "on"):
+        return "true"
+    if text in ("0", "false", "no", "off"):
+        return "false"
+    return text
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:

@@ -359,6 +359,9 @@ class Trainer:
         self._cleanup.callback(self.metrics_log.close)
         log.info("training %s with %s on %d questions (%s), device %s", cfg.model, cfg.algo,
                  len(self.questions), self.questions.origin, device)
+        log.info("gradient checkpointing %s (gradient_checkpointing: %s)",
+                 "on" if self.model.is_gradient_checkpointing else "off",
+                 cfg.gradient_checkpointing)
         files = tokenizer_bytes(self.tokenizer)
         self.checkpoint_size = checkpoint_bytes(self.model) + files
         self.final_size = final_bytes(self.model, final_dtype(cfg)) + files

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The study behind docs/results.md: NFT against RFT, DAPO and GRPO on two tasks (5 seeds
+# each), then NFT's ω and ε ablations (3 seeds each), all through `nftune compare`.
+# Re-run it to continue after an interruption: every part uses --resume, so finished runs
+# are kept and an interrupted run continues from its last checkpoint. Each run takes a few
+# minutes on a 2-core CPU; the parts can run on different days.
+#   bash benchmarks/paper_claims.sh [OUT_DIR] [PART...]   parts: arithmetic countdown omega eps
+set -euo pipefail
+out=${1:-runs/paper-claims}
+shift || true
+parts=${*:-arithmetic countdown omega eps}
+steps=80  # 2x the former 40; the curves in the report show whether they have flattened
+common=(--steps "$steps" --no-progress --resume)
+for part in $parts; do
+  case $part in
+    arithmetic) nftune compare --task arithmetic --algos nft,rft,dapo,grpo --seeds 5 \
+                  --output-dir "$out/arithmetic" "${common[@]}" ;;
+    countdown)  nftune compare --task countdown --algos nft,rft,dapo,grpo --seeds 5 \
+                  --output-dir "$out/countdown" "${common[@]}" ;;
+    omega)      nftune compare --task arithmetic --algos nft --sweep weight=dr_grpo,one,grpo \
+                  --seeds 3 --output-dir "$out/omega" "${common[@]}" ;;
+    eps)        nftune compare --task arithmetic --algos nft --sweep eps=1.0,0.5,2.0 \
+                  --seeds 3 --output-dir "$out/eps" "${common[@]}" ;;
+    *) echo "unknown part: $part (arithmetic countdown omega eps)" >&2; exit 2 ;;
+  esac
+done
