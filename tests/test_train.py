@@ -223,17 +223,12 @@ def test_micro_batches_pack_similar_lengths_together():
     assert padded(micro_batches(r, 20, by_length=False)) == 18 + 16 + 18
 
 
-@pytest.mark.parametrize("algo", ["nft", "grpo"])
-def test_the_update_does_not_depend_on_micro_batching(tiny_base, arithmetic_files, tmp_path,
-                                                      algo):
-    """One SGD step (lr 1, no clipping): parameter change = −gradient, which must be the same
-    whether the mini-batch runs as one pass or as length-sorted micro-batches."""
-    import copy
-
+def _four_mixed_groups(tiny_base, arithmetic_files):
+    """The tiny base and a rollout of 4 questions × 4 answers sampled from it (π_old recorded),
+    with rewards set by hand so that every group is mixed (r̂ = 1/2, 3/4, 1/4, 1/4)."""
     from nftune.data import format_prompt, load_questions
-    from nftune.policy import load_policy, make_scheduler
+    from nftune.policy import load_policy
     from nftune.rollout import generate_rollout
-    from nftune.update import update_policy
 
     model, tokenizer = load_policy(str(tiny_base), torch.device("cpu"))
     questions = load_questions(str(arithmetic_files["train"])).questions[:4]
@@ -241,9 +236,21 @@ def test_the_update_does_not_depend_on_micro_batching(tiny_base, arithmetic_file
     rollout = generate_rollout(model, tokenizer, [format_prompt(q.problem, "raw")
                                                   for q in questions], 4, max_new_tokens=40,
                                record_logprobs=True)
-    assert len(set(rollout.response_lengths.tolist())) > 2
     rollout.reward = torch.tensor([1., 0, 0, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 0])
     rollout.r_hat = rollout.reward.view(4, 4).mean(1).repeat_interleave(4)
+    return model, rollout
+
+
+@pytest.mark.parametrize("algo", ["nft", "grpo"])
+def test_the_update_does_not_depend_on_micro_batching(tiny_base, arithmetic_files, tmp_path,
+                                                      algo):
+    """One SGD step (lr 1, no clipping): parameter change = −gradient, which must be the same
+    whether the mini-batch runs as one pass or as length-sorted micro-batches."""
+    from nftune.policy import make_scheduler
+    from nftune.update import update_policy
+
+    model, rollout = _four_mixed_groups(tiny_base, arithmetic_files)
+    assert len(set(rollout.response_lengths.tolist())) > 2
     deltas = []
     for budget in (10**6, 150):
         cfg = config(tiny_base, arithmetic_files, tmp_path, algo=algo, minibatches=1,
@@ -267,19 +274,10 @@ def test_grad_share_wrong_matches_the_hand_computed_weights(tiny_base, arithmeti
     answer's token by (1 − r̂)/N and a wrong one's by r̂/N (Prop. 4.1/4.2), so the share is
     Σ_wrong len·r̂ / (Σ_right len·(1 − r̂) + Σ_wrong len·r̂) from the answers' lengths; RFT
     gives wrong answers no weight."""
-    from nftune.data import format_prompt, load_questions
-    from nftune.policy import load_policy, make_scheduler
-    from nftune.rollout import generate_rollout
+    from nftune.policy import make_scheduler
     from nftune.update import update_policy
 
-    model, tokenizer = load_policy(str(tiny_base), torch.device("cpu"))
-    questions = load_questions(str(arithmetic_files["train"])).questions[:4]
-    torch.manual_seed(0)
-    rollout = generate_rollout(model, tokenizer, [format_prompt(q.problem, "raw")
-                                                  for q in questions], 4, max_new_tokens=40,
-                               record_logprobs=True)
-    rollout.reward = torch.tensor([1., 0, 0, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 0])
-    rollout.r_hat = rollout.reward.view(4, 4).mean(1).repeat_interleave(4)
+    model, rollout = _four_mixed_groups(tiny_base, arithmetic_files)
     lengths = rollout.response_lengths.float()
     right = rollout.reward == 1
     wrong_weight = (lengths * rollout.r_hat)[~right].sum()
