@@ -27,6 +27,12 @@ def test_compare_runs_reports_and_resumes(tiny_base, arithmetic_files, tmp_path)
     # the base is evaluated twice with different seeds: one measures, one sorts by difficulty
     assert {"sampled", "sampled_seed4321", "greedy"} <= set(base)
     assert sum(result["bins"].values()) == questions
+    # bins from the second evaluation; the base's "before" per bin from the first
+    second, first = base["sampled_seed4321"]["per_question"], base["sampled"]["per_question"]
+    hard = [i for i, rate in enumerate(second) if rate < 1 / 3]
+    assert result["bins"]["hard"] == len(hard)
+    assert hard  # the tiny base gets most questions wrong
+    base_hard = 100 * sum(first[i] for i in hard) / len(hard)
     finals = {}
     for algo, s in result["summary"].items():
         assert s["seeds"] == [0, 1]
@@ -59,6 +65,8 @@ def test_compare_runs_reports_and_resumes(tiny_base, arithmetic_files, tmp_path)
     assert "nft ≥ RFT" in table and "Compute: 4 runs" in table
     assert (out / "curves.png").stat().st_size > 10_000
     assert (out / "difficulty.png").stat().st_size > 10_000
+    difficulty = table[table.index("Sampled accuracy by difficulty"):]
+    assert f"| base model | {base_hard:.1f} |" in difficulty
 
     again = compare("--config", str(config), "--algos", "nft,rft", "--seeds", "2",
                     "--output-dir", str(out), "--no-progress")

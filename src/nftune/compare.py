@@ -245,9 +245,13 @@ def _read_run(out: Path, run: dict[str, Any], bins: dict[str, list[int]]) -> dic
         sampled, greedy = evaluated["sampled"]["accuracy"], evaluated["greedy"]["accuracy"]
         by_bin = {name: _bin_accuracy(evaluated["sampled"]["per_question"], rows_)
                   for name, rows_ in bins.items()}
+        # every question that is not hard: the bins above "hard" can be small
+        by_bin["rest"] = _bin_accuracy(evaluated["sampled"]["per_question"],
+                                       [i for name, rows_ in bins.items() if name != "hard"
+                                        for i in rows_])
     else:  # a run from before final evaluations: its last in-training evaluation
         sampled = next((r[key] for r in reversed(rows) if key and key in r), math.nan)
-        greedy, by_bin = math.nan, {name: math.nan for name in bins}
+        greedy, by_bin = math.nan, {name: math.nan for name in [*bins, "rest"]}
     entropy = [r["entropy"] for r in rows if r.get("entropy") == r.get("entropy")
                and "entropy" in r]
     spent = json.loads((run_dir / "compute.json").read_text()) \
@@ -305,7 +309,7 @@ def build_report(output_dir: str | Path) -> dict[str, Any]:
             "entropy_change_mean_std": _mean_std([m["entropy_change"] for m in members]),
             "grad_share_wrong_mean_std": _mean_std([m["grad_share_wrong"] for m in members]),
             "by_difficulty": {name: mean_ci([m["by_difficulty"][name] for m in members])
-                              for name in bins}}
+                              for name in [*bins, "rest"]}}
     labels = list(groups)
     paired = {}
     if labels:
@@ -316,16 +320,16 @@ def build_report(output_dir: str | Path) -> dict[str, Any]:
                 "sampled": _paired(ref, other, lambda m: m["final_accuracy"]),
                 "greedy": _paired(ref, other, lambda m: m["greedy_accuracy"]),
                 "late_entropy": _paired(ref, other, lambda m: m["late_entropy"]),
-                # how much more the reference gains on hard questions than on easy ones,
+                # how much more the reference gains on hard questions than on the others,
                 # relative to this label
-                "hard_minus_easy": _paired(
-                    ref, other, lambda m: m["by_difficulty"]["hard"] - m["by_difficulty"]["easy"]),
+                "hard_minus_rest": _paired(
+                    ref, other, lambda m: m["by_difficulty"]["hard"] - m["by_difficulty"]["rest"]),
                 **{f"bin_{name}": _paired(ref, other, lambda m, n=name: m["by_difficulty"][n])
                    for name in bins}}
     seconds = sum(m["seconds"] for ms in groups.values() for m in ms) + (
         (base_eval or {}).get("seconds", 0.0))
     result = {"base": {k: v for k, v in (base_eval or {}).items()
-                       if k in ("sampled", "greedy")},
+                       if k.startswith(("sampled", "greedy"))},  # the bins' evaluation too
               "base_accuracy": base_eval["sampled"]["accuracy"] if base_eval else None,
               "bins": {name: len(rows) for name, rows in bins.items()},
               "reference": labels[0] if labels else None, "summary": summary,
@@ -359,9 +363,10 @@ def verdicts(summary: dict[str, Any], paired: dict[str, Any]) -> list[str]:
     ref = next(iter(summary))
     out = []
 
-    def ci_text(d: dict[str, Any], scale: float = 100) -> str:
+    def ci_text(d: dict[str, Any], scale: float = 100, digits: int = 1) -> str:
         low, high = d["ci"]
-        return f"{scale * d['mean']:+.1f} [{scale * low:+.1f}, {scale * high:+.1f}]"
+        return (f"{scale * d['mean']:+.{digits}f} [{scale * low:+.{digits}f}, "
+                f"{scale * high:+.{digits}f}]")
 
     if "rft" in paired:
         d = paired["rft"]
@@ -369,11 +374,11 @@ def verdicts(summary: dict[str, Any], paired: dict[str, Any]) -> list[str]:
                    f"{_verdict(d['sampled']['ci'])} — {ref} − rft sampled "
                    f"{ci_text(d['sampled'])} points, greedy {ci_text(d['greedy'])} (95% CI).")
         out.append(f"The negative term helps most where answers are mostly wrong: "
-                   f"{_verdict(d['hard_minus_easy']['ci'])} — ({ref} − rft) on hard minus on "
-                   f"easy questions {ci_text(d['hard_minus_easy'])} points.")
+                   f"{_verdict(d['hard_minus_rest']['ci'])} — ({ref} − rft) on hard questions "
+                   f"minus on the others {ci_text(d['hard_minus_rest'])} points.")
         out.append(f"{ref} keeps entropy higher than RFT (paper's entropy figure): "
                    f"{_verdict(d['late_entropy']['ci'])} — {ref} − rft entropy over the last 10 "
-                   f"steps {ci_text(d['late_entropy'], 1)} nats per token.")
+                   f"steps {ci_text(d['late_entropy'], 1, 4)} nats per token.")
     for name, paper in (("dapo", "DAPO 51.2"), ("grpo", "GRPO 49.5")):
         if name in paired:
             d = paired[name]["sampled"]
@@ -425,11 +430,14 @@ def _report(result: dict[str, Any]) -> str:
                          f"{_fmt_ci([d['sampled']['mean'], *d['sampled']['ci']])} | "
                          f"{_fmt_ci([d['greedy']['mean'], *d['greedy']['ci']])} |")
     if base and any(result["bins"].values()):
-        names = list(result["bins"])
+        names = [*result["bins"], "rest"]
+        counts = {**result["bins"], "rest": sum(result["bins"].values())
+                  - result["bins"].get("hard", 0)}
+        titles = {**{n: n for n in result["bins"]}, "rest": "medium + easy"}
         lines += ["", "Sampled accuracy by difficulty (bins by the base's accuracy on each "
                   "question in a second, independent evaluation: hard < 1/3 ≤ medium < 2/3 ≤ "
                   "easy), mean [95% CI] over seeds:", "",
-                  "| model | " + " | ".join(f"{n} ({result['bins'][n]} questions)"
+                  "| model | " + " | ".join(f"{titles[n]} ({counts[n]} questions)"
                                            for n in names) + " |",
                   "|---|" + "---|" * len(names)]
         base_rows = difficulty_rows(base)
@@ -453,8 +461,9 @@ def difficulty_rows(base_eval: dict[str, Any]) -> dict[str, float]:
     """The base's own "before" accuracy per bin (its EVAL_SEED samples)."""
     bins = difficulty_bins(base_eval) if base_eval.get("sampled", {}).get("per_question") \
         else {name: [] for name, _, _ in BINS}
-    return {name: _bin_accuracy(base_eval["sampled"]["per_question"], rows)
-            for name, rows in bins.items()}
+    rows = {**bins, "rest": [i for name, b in bins.items() if name != "hard" for i in b]}
+    return {name: _bin_accuracy(base_eval["sampled"]["per_question"], r)
+            for name, r in rows.items()}
 
 
 def _plot(groups: dict[str, list[dict[str, Any]]], path: Path) -> None:
