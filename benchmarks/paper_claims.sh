@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The study behind docs/results.md: NFT against RFT, DAPO and GRPO on two tasks (5 seeds
-# each), then NFT's ω and ε ablations (3 seeds each), all through `nftune compare`.
+# each), then NFT's ω and ε ablations (3 seeds each; ε in (0, 1]: above 1 the clip changes the
+# on-policy ratio itself), all through `nftune compare`.
 # Re-run it to continue after an interruption: every part uses --resume, so finished runs
 # are kept and an interrupted run continues from its last checkpoint. Each run takes a few
 # minutes on a 2-core CPU; the parts can run on different days.
@@ -19,7 +20,7 @@ for part in $parts; do
                   --output-dir "$out/countdown" "${common[@]}" ;;
     omega)      nftune compare --task arithmetic --algos nft --sweep weight=dr_grpo,one,grpo \
                   --seeds 3 --output-dir "$out/omega" "${common[@]}" ;;
-    eps)        nftune compare --task arithmetic --algos nft --sweep eps=1.0,0.5,2.0 \
+    eps)        nftune compare --task arithmetic --algos nft --sweep eps=1.0,0.5,0.1 \
                   --seeds 3 --output-dir "$out/eps" "${common[@]}" ;;
     *) echo "unknown part: $part (arithmetic countdown omega eps)" >&2; exit 2 ;;
   esac
