@@ -199,7 +199,13 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
 
     import yaml
 
-    from nftune.compare import build_report, check_algos, demo_base_config, run_comparison
+    from nftune.compare import (
+        build_report,
+        check_algos,
+        check_output_dir,
+        demo_base_config,
+        run_comparison,
+    )
     from nftune.config import parse_overrides
 
     algos = [a.strip() for a in args.algos.split(",")]
@@ -209,9 +215,7 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
         print((Path(args.report) / "results.md").read_text())
         return 0 if result["summary"] else 1
     out = Path(args.output_dir)
-    if (out / "plan.json").exists() and not args.resume:  # before writing anything there
-        raise UserError(f"{out}: holds a comparison already; --resume continues it (finished "
-                        "runs are kept), or choose another --output-dir")
+    check_output_dir(out, args.resume)  # before the demo's splits are written there
     final_eval: dict = {}
     if args.config:
         path = Path(args.config)

@@ -90,11 +90,9 @@ def run_comparison(base: dict[str, Any], algos: list[str], seeds: list[int], out
     out = Path(output_dir)
     plan_file = out / "plan.json"
     final_eval = dict(final_eval or {})
+    check_output_dir(out, resume)
     if plan_file.exists():
         held = json.loads(plan_file.read_text())
-        if not resume:
-            raise ValueError(f"{out}: holds a comparison already; --resume continues it "
-                             "(finished runs are kept), or choose another --output-dir")
         changed = sorted(k for k in set(held["base"]) | set(base)
                          if str(held["base"].get(k)) != str(base.get(k)))
         changed += ["final_eval"] if held.get("final_eval", {}) != final_eval else []
@@ -129,6 +127,13 @@ def run_comparison(base: dict[str, Any], algos: list[str], seeds: list[int], out
     return build_report(out)
 
 
+def check_output_dir(out: Path, resume: bool) -> None:
+    """A directory that holds a comparison is continued only with ``resume``."""
+    if (out / "plan.json").exists() and not resume:
+        raise ValueError(f"{out}: holds a comparison already; --resume continues it "
+                         "(finished runs are kept), or choose another --output-dir")
+
+
 def _add_seconds(run_dir: Path, key: str, seconds: float) -> None:
     """Wall time spent on a run, summed over the calls that worked on it (compute.json)."""
     path = run_dir / "compute.json"
@@ -154,16 +159,17 @@ def evaluate_final(model_dir: str, cfg: TrainConfig, path: Path,
     from nftune.rollout import HFEngine
     from nftune.verify import Verifier
 
+    names = ["sampled"] + [f"sampled_seed{s}" for s in seeds[1:]]
     if path.exists():
         held = json.loads(path.read_text())
-        if all(("sampled" if s == seeds[0] else f"sampled_seed{s}") in held for s in seeds):
+        if all(name in held for name in names):
             return held
     started = time.perf_counter()
     model, tokenizer = load_policy(model_dir, pick_device(cfg.device))
     sets = load_eval_sets(cfg)
     sampled = cfg.eval_sampling()
-    modes = {("sampled" if s == seeds[0] else f"sampled_seed{s}"):
-             (s, dataclasses.replace(sampled, seed=s)) for s in seeds}
+    modes = {name: (s, dataclasses.replace(sampled, seed=s))
+             for name, s in zip(names, seeds, strict=True)}
     modes["greedy"] = (seeds[0], dataclasses.replace(sampled, temperature=0.0, top_p=1.0, n=1))
     result: dict[str, Any] = {"model": model_dir, "eval_data": cfg.eval_data}
     with Verifier(cfg.verify_workers) as verifier:
@@ -223,6 +229,12 @@ def difficulty_bins(base_eval: dict[str, Any]) -> dict[str, list[int]]:
     return bins
 
 
+def with_rest(bins: dict[str, list[int]]) -> dict[str, list[int]]:
+    """The bins and "rest": every question that is not hard (the bins above it can be
+    small)."""
+    return {**bins, "rest": [i for name, rows in bins.items() if name != "hard" for i in rows]}
+
+
 def _bin_accuracy(per_question: list[float], rows: list[int]) -> float:
     return statistics.mean(per_question[i] for i in rows) if rows else math.nan
 
@@ -244,11 +256,7 @@ def _read_run(out: Path, run: dict[str, Any], bins: dict[str, list[int]]) -> dic
     if evaluated:
         sampled, greedy = evaluated["sampled"]["accuracy"], evaluated["greedy"]["accuracy"]
         by_bin = {name: _bin_accuracy(evaluated["sampled"]["per_question"], rows_)
-                  for name, rows_ in bins.items()}
-        # every question that is not hard: the bins above "hard" can be small
-        by_bin["rest"] = _bin_accuracy(evaluated["sampled"]["per_question"],
-                                       [i for name, rows_ in bins.items() if name != "hard"
-                                        for i in rows_])
+                  for name, rows_ in with_rest(bins).items()}
     else:  # a run from before final evaluations: its last in-training evaluation
         sampled = next((r[key] for r in reversed(rows) if key and key in r), math.nan)
         greedy, by_bin = math.nan, {name: math.nan for name in [*bins, "rest"]}
@@ -461,9 +469,8 @@ def difficulty_rows(base_eval: dict[str, Any]) -> dict[str, float]:
     """The base's own "before" accuracy per bin (its EVAL_SEED samples)."""
     bins = difficulty_bins(base_eval) if base_eval.get("sampled", {}).get("per_question") \
         else {name: [] for name, _, _ in BINS}
-    rows = {**bins, "rest": [i for name, b in bins.items() if name != "hard" for i in b]}
-    return {name: _bin_accuracy(base_eval["sampled"]["per_question"], r)
-            for name, r in rows.items()}
+    return {name: _bin_accuracy(base_eval["sampled"]["per_question"], rows)
+            for name, rows in with_rest(bins).items()}
 
 
 def _plot(groups: dict[str, list[dict[str, Any]]], path: Path) -> None:

@@ -384,13 +384,17 @@ def config_markdown() -> str:
     return "\n".join(lines)
 
 
+# how a YAML file or the command line may spell a boolean
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _auto_switch(value: Any) -> str:
     """"auto", "true" or "false" from a YAML boolean or any of the command line's spellings
     (anything else is left for validation to name)."""
     text = str(value).lower()
-    if text in ("1", "true", "yes", "on"):
+    if text in TRUE_WORDS:
         return "true"
-    if text in ("0", "false", "no", "off"):
+    if text in FALSE_WORDS:
         return "false"
     return text
 
@@ -410,9 +414,9 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             if isinstance(value, bool):
                 return value
             text = str(value).lower()
-            if text in ("1", "true", "yes", "on"):
+            if text in TRUE_WORDS:
                 return True
-            if text in ("0", "false", "no", "off"):
+            if text in FALSE_WORDS:
                 return False
             raise ValueError
         if target is int:
