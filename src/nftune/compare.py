@@ -153,10 +153,9 @@ def evaluate_final(model_dir: str, cfg: TrainConfig, path: Path,
 
     import torch
 
+    from nftune.config import engine_class
     from nftune.evaluate import evaluate_questions, load_eval_sets
-    from nftune.policy import load_policy, pick_device
     from nftune.reward import Reward
-    from nftune.rollout import HFEngine
     from nftune.verify import Verifier
 
     names = ["sampled"] + [f"sampled_seed{s}" for s in seeds[1:]]
@@ -165,7 +164,9 @@ def evaluate_final(model_dir: str, cfg: TrainConfig, path: Path,
         if all(name in held for name in names):
             return held
     started = time.perf_counter()
-    model, tokenizer = load_policy(model_dir, pick_device(cfg.device))
+    # the run's own engine, as training's evaluation and `nftune eval` build it
+    engine = engine_class(cfg.rollout_engine).for_evaluation(
+        model_dir, device=cfg.device, batch_size=256, seed=seeds[0])
     sets = load_eval_sets(cfg)
     sampled = cfg.eval_sampling()
     modes = {name: (s, dataclasses.replace(sampled, seed=s))
@@ -174,13 +175,13 @@ def evaluate_final(model_dir: str, cfg: TrainConfig, path: Path,
     result: dict[str, Any] = {"model": model_dir, "eval_data": cfg.eval_data}
     with Verifier(cfg.verify_workers) as verifier:
         reward = Reward(verifier, cfg.reward, cfg.verify_workers, cfg.verify_timeout_s)
-        engine = HFEngine(model, tokenizer, 256)
         for mode, (seed, sampling) in modes.items():
             per_question: list[float] = []
             accuracies = []
             for name, questions in sets.items():
                 torch.manual_seed(seed)
-                r = evaluate_questions(None, tokenizer, questions, name=name, sampling=sampling,
+                r = evaluate_questions(None, engine.tokenizer, questions, name=name,
+                                       sampling=sampling,
                                        template=cfg.template, verifier=reward, engine=engine)
                 accuracies.append(r.avg_at_k)
                 per_question += [sum(i["correct"]) / len(i["correct"]) for i in r.items]
