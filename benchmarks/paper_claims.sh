@@ -5,7 +5,7 @@
 # Re-run it to continue after an interruption: every part uses --resume, so finished runs
 # are kept and an interrupted run continues from its last checkpoint. Each run takes a few
 # minutes on a 2-core CPU; the parts can run on different days.
-# The "pilot" part runs 3x longer (240 steps): NFT and RFT on arithmetic (seeds 0-1), NFT on
+# The "pilot" part runs 3x longer (240 steps): NFT and RFT on arithmetic (seeds 0-1) and on
 # Countdown (seed 0), to show whether the 80-step curves have flattened.
 #   bash benchmarks/paper_claims.sh [OUT_DIR] [PART...]
 #   parts: arithmetic countdown omega eps pilot (default: all but pilot)
@@ -27,8 +27,8 @@ for part in $parts; do
                   --seeds 3 --output-dir "$out/eps" "${common[@]}" ;;
     pilot)      nftune compare --task arithmetic --algos nft,rft --seeds 2 --steps 240 \
                   --no-progress --resume --output-dir "$out/pilot-arithmetic"
-                # ~25 min for one run (steps slow down as answers grow): the leader only
-                nftune compare --task countdown --algos nft --seeds 1 --steps 240 \
+                # one seed: a 240-step Countdown run takes ~25-30 min (refills grow late on)
+                nftune compare --task countdown --algos nft,rft --seeds 1 --steps 240 \
                   --no-progress --resume --output-dir "$out/pilot-countdown" ;;
     *) echo "unknown part: $part (arithmetic countdown omega eps pilot)" >&2; exit 2 ;;
   esac
