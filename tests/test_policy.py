@@ -216,11 +216,23 @@ def test_gradient_checkpointing_auto_follows_activation_memory(tiny_base, arithm
     assert not decide(micro_batch_tokens=80_659)
     assert decide(micro_batch_tokens=80_660)
     assert not decide(micro_batch_tokens=161_319, bf16=True)  # 2 bytes a value
+    assert not decide(micro_batch_tokens=80_659, bf16="auto")  # on the CPU: float32
     assert decide(micro_batch_tokens=161_320, bf16=True)
     # an explicit setting wins, in any of the command line's or YAML's spellings
     assert not decide(micro_batch_tokens=10**7, gradient_checkpointing="off")
     assert decide(micro_batch_tokens=1, gradient_checkpointing=True)
     assert decide(micro_batch_tokens=1, gradient_checkpointing="yes")
+    # vLLM colocated on a GPU keeps its share (0.4) through the update unless it sleeps, and
+    # bf16: auto computes in bf16 there (6,656 bytes a token): the line is 0.6 · 2**30 / 6,656
+    # = 96,791.6 tokens; asleep 161,319.4; on the CPU (float32, no share) 80,659.7
+    def beside_vllm(tokens, device_type="cuda", **settings):
+        cfg = tiny_run_config(tiny_base, arithmetic_files, None, rollout_engine="vllm",
+                              micro_batch_tokens=tokens, **settings)
+        return uses_gradient_checkpointing(cfg, shape, device, torch.device(device_type))
+
+    assert not beside_vllm(96_791) and beside_vllm(96_792)
+    assert not beside_vllm(161_319, vllm_sleep=True) and beside_vllm(161_320, vllm_sleep=True)
+    assert not beside_vllm(80_659, "cpu") and beside_vllm(80_660, "cpu")
     # a config without the decoder's shape: on (memory first)
     assert uses_gradient_checkpointing(tiny_run_config(tiny_base, arithmetic_files, None),
                                        object(), device)
@@ -247,3 +259,25 @@ def test_gradient_checkpointing_auto_is_on_for_real_models_off_for_the_demo(tiny
     for device in (24 * 10**9, 80 * 10**9):
         assert uses_gradient_checkpointing(cfg, qwen05, device)
         assert not uses_gradient_checkpointing(cfg, demo, device)
+
+
+def test_bf16_auto_is_on_for_cuda_and_off_for_cpu(tiny_base, arithmetic_files):
+    """``bf16: auto`` (the default) autocasts on CUDA and leaves CPU in float32, where the demo
+    runs; an explicit setting wins on either. On CUDA the default then recomputes π_old (a
+    step-by-step bf16 decode would not be on-policy), on CPU it keeps recording it."""
+    cfg = tiny_run_config(tiny_base, arithmetic_files, None)
+    assert cfg.bf16 == "auto"
+    assert not cfg.uses_bf16("cpu") and cfg.uses_bf16("cuda")
+    with precision(cfg, CPU):
+        assert not torch.is_autocast_enabled("cpu")
+    for spelling, on in (("false", False), ("no", False), (True, True), ("on", True)):
+        explicit = tiny_run_config(tiny_base, arithmetic_files, None, bf16=spelling)
+        assert explicit.uses_bf16("cpu") is on and explicit.uses_bf16("cuda") is on
+    assert tiny_run_config(tiny_base, arithmetic_files, None, device="cpu").old_logprobs \
+        == "generate"
+    assert tiny_run_config(tiny_base, arithmetic_files, None, device="cuda").old_logprobs \
+        == "recompute"
+    import pytest
+
+    with pytest.raises(ValueError, match="bf16: auto, true or false"):
+        tiny_run_config(tiny_base, arithmetic_files, None, bf16="maybe")

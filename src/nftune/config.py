@@ -80,8 +80,12 @@ class TrainConfig:
     output_dir: str = _option("runs/nft", "Where metrics.jsonl, checkpoints/ and config.yaml go.")
     seed: int = _option(0, "Seed of the data order, sampling and initialisation of the run.")
     device: str = _option("auto", "auto | cpu | cuda | cuda:N.")
-    bf16: bool = _option(False, "bf16 autocast for every forward pass: sampling, π_old's "
-                                "log-probs and the update alike (log-softmax stays fp32).")
+    bf16: str = _option("auto", "bf16 autocast for every forward pass: sampling, π_old's "
+                                "log-probs and the update alike (log-softmax, master weights and "
+                                "AdamW's states stay fp32); vLLM then runs in bf16. auto: on for "
+                                "CUDA (with TF32 for what stays fp32), off on CPU (where bf16 "
+                                "matmuls can be slower than fp32); true | false to choose. "
+                                "Decided and logged at start.")
     gradient_checkpointing: str = _option(
         "auto", "Recompute each layer's activations in backward instead of keeping them (less "
                 "memory, ~1/3 more compute). auto: on where the activations of one micro-batch "
@@ -207,6 +211,7 @@ class TrainConfig:
 
         import_plugins(self.plugins)
         self.gradient_checkpointing = _auto_switch(self.gradient_checkpointing)
+        self.bf16 = _auto_switch(self.bf16)
         objective = get_objective(self.algo)
         extra = self.extra_hparams()
         for name in list(extra) + [n for n in OBJECTIVE_KEYS if getattr(self, n) is not None]:
@@ -225,7 +230,9 @@ class TrainConfig:
             raise ValueError(f"rollout_engine: unknown {self.rollout_engine!r}; "
                              f"valid: {sorted(ENGINES)}")
         records = ENGINES[self.rollout_engine].records_logprobs
-        half = self.bf16 or self.base_dtype == "bfloat16"
+        if self.bf16 not in ("auto", "true", "false"):
+            raise ValueError(f"bf16: auto, true or false, got {self.bf16!r}")
+        half = self.uses_bf16() or self.base_dtype == "bfloat16"
         if self.old_logprobs is None:
             self.old_logprobs = "generate" if records and not half else "recompute"
         if self.old_logprobs == "generate" and not records:
@@ -297,6 +304,19 @@ class TrainConfig:
             if not ok:
                 raise ValueError(message)
         return self
+
+    def uses_bf16(self, device_type: str | None = None) -> bool:
+        """``bf16`` resolved for a device type ("cuda", "cpu"; default: the one ``device``
+        picks): true/false as set, auto on CUDA only."""
+        if self.bf16 != "auto":
+            return self.bf16 == "true"
+        if device_type is None:
+            import torch
+
+            cuda = self.device.startswith("cuda") or (self.device == "auto"
+                                                      and torch.cuda.is_available())
+            device_type = "cuda" if cuda else "cpu"
+        return device_type == "cuda"
 
     def extra_hparams(self) -> dict[str, Any]:
         """``objective_args`` as a dict, each value typed as YAML reads it."""

@@ -52,22 +52,34 @@ def device_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def training_memory_bytes(cfg: TrainConfig, device: torch.device,
+                          device_bytes: int | None = None) -> int:
+    """What the trainer has of the device: all of it, less vLLM's share where vLLM runs
+    colocated on a GPU and keeps its memory through the update (``vllm_sleep`` false)."""
+    total = device_memory_bytes(device) if device_bytes is None else device_bytes
+    if device.type == "cuda" and cfg.rollout_engine == "vllm" and not cfg.vllm_sleep:
+        return int(total * (1 - cfg.vllm_gpu_memory_utilization))
+    return total
+
+
 def uses_gradient_checkpointing(cfg: TrainConfig, model_config=None,
-                                device_bytes: int | None = None) -> bool:
+                                device_bytes: int | None = None,
+                                device: torch.device | None = None) -> bool:
     """``gradient_checkpointing`` resolved: true/false as set; auto is on where one
     micro-batch's activations (``micro_batch_tokens``; bf16 compute halves them) would exceed 1/8 of
-    the device's memory, or where the model's config does not say its shape."""
+    the memory the trainer has of the device (:func:`training_memory_bytes`; ``device_bytes``:
+    the device's total), or where the model's config does not say its shape."""
     if cfg.gradient_checkpointing != "auto":
         return cfg.gradient_checkpointing == "true"
     if model_config is None:
         from transformers import AutoConfig
 
         model_config = AutoConfig.from_pretrained(cfg.model)
-    if device_bytes is None:
-        device_bytes = device_memory_bytes(pick_device(cfg.device))
-    half = cfg.bf16 or (cfg.lora_rank > 0 and cfg.base_dtype == "bfloat16")
+    device = device or pick_device(cfg.device)
+    available = training_memory_bytes(cfg, device, device_bytes)
+    half = cfg.uses_bf16(device.type) or (cfg.lora_rank > 0 and cfg.base_dtype == "bfloat16")
     need = activation_bytes(model_config, cfg.micro_batch_tokens, 2 if half else 4)
-    return need is None or need > device_bytes / 8
+    return need is None or need > available / 8
 
 
 def load_tokenizer(path: str):
@@ -125,7 +137,7 @@ def build_policy(cfg: TrainConfig, device: torch.device, checkpoint: Path | None
     dtype = getattr(torch, cfg.base_dtype) if lora else torch.float32
     model, tokenizer = load_policy(source, device, safetensors_only=source != cfg.model,
                                    dtype=dtype)
-    if uses_gradient_checkpointing(cfg, model.config, device_memory_bytes(device)):
+    if uses_gradient_checkpointing(cfg, model.config, device=device):
         # recompute each layer's activations in backward
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not lora:
@@ -182,8 +194,20 @@ def save_policy(model, directory: Path) -> None:
 
 
 def precision(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """The precision of the update's forward passes: bf16 autocast when ``cfg.bf16``."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    """The precision of every forward pass: bf16 autocast where ``bf16`` resolves to on for
+    ``device`` (:meth:`TrainConfig.uses_bf16`)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.uses_bf16(device.type))
+
+
+def set_matmul_precision(device: torch.device) -> str:
+    """On CUDA, TF32 for the matmuls and convolutions that stay float32 (outside autocast, or
+    every one with ``bf16: false``), as TRL and verl run; CPU is left as it is. Returns what was
+    set, for the log."""
+    if device.type != "cuda":
+        return "float32 matmuls in full precision (CPU)"
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return "TF32 for float32 matmuls (CUDA)"
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -451,8 +451,9 @@ class VLLMEngine:
 
     @classmethod
     def from_config(cls, model, tokenizer, cfg) -> VLLMEngine:
+        device = next(model.parameters()).device
         return cls(model.name_or_path, tokenizer, model=model,
-                   dtype="bfloat16" if cfg.bf16 else "float32", seed=cfg.seed,
+                   dtype="bfloat16" if cfg.uses_bf16(device.type) else "float32", seed=cfg.seed,
                    gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                    sleep=cfg.vllm_sleep, max_model_len=cfg.vllm_max_model_len)
 

@@ -56,6 +56,7 @@ from nftune.policy import (
     make_scheduler,
     pick_device,
     precision,
+    set_matmul_precision,
 )
 from nftune.reward import Reward, RewardError, Scores, check_values
 from nftune.rollout import (
@@ -362,6 +363,9 @@ class Trainer:
         log.info("gradient checkpointing %s (gradient_checkpointing: %s)",
                  "on" if self.model.is_gradient_checkpointing else "off",
                  cfg.gradient_checkpointing)
+        log.info("precision: bf16 autocast %s (bf16: %s on %s); %s",
+                 "on" if cfg.uses_bf16(device.type) else "off", cfg.bf16, device.type,
+                 set_matmul_precision(device))
         files = tokenizer_bytes(self.tokenizer)
         self.checkpoint_size = checkpoint_bytes(self.model) + files
         self.final_size = final_bytes(self.model, final_dtype(cfg)) + files
