@@ -164,3 +164,84 @@ def test_wandb_run_is_named_and_resume_continues_it(tiny_base, arithmetic_files,
     runs = list((out / "wandb").glob("offline-run-*"))
     assert runs and all(r.name.endswith(first_id) for r in runs)
     os.environ.pop("WANDB_RUN_ID", None)
+
+
+@pytest.mark.parametrize("base_dtype", ["float32", "bfloat16"])
+def test_merged_weights_are_w_plus_scaled_ba_one_layer_at_a_time(tiny_base, arithmetic_files,
+                                                                 tmp_path, base_dtype):
+    """Each adapted weight comes out as W + (α / r) · B A, by hand from the adapter's own
+    matrices (B set non-zero), summed in float32 and stored in W's dtype; the model's own W is
+    untouched; final/ written tensor by tensor loads in plain transformers to the outputs of
+    PEFT's own merge_and_unload (a second method)."""
+    import copy
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from nftune.artifact import save_model_weights
+    from nftune.policy import build_policy, merged_weights
+
+    cfg = run_config(tiny_base, arithmetic_files, tmp_path / "run", lora_rank=4,
+                     lora_alpha=12.0, base_dtype=base_dtype)
+    model, _ = build_policy(cfg, torch.device("cpu"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    w_before = layer.base_layer.weight.detach().clone()
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    expected = (w_before.float() + 3.0 * (b.float() @ a.float())).to(w_before.dtype)
+    merged = dict(merged_weights(model))
+    got = merged["model.layers.0.self_attn.q_proj.weight"]
+    assert got.dtype == getattr(torch, base_dtype)
+    assert torch.equal(got, expected)
+    assert torch.equal(layer.base_layer.weight, w_before)  # the model is left as it was
+    assert not any(".lora_" in n or ".base_layer." in n for n in merged)
+    unadapted = "model.layers.0.input_layernorm.weight"
+    assert torch.equal(merged[unadapted], model.get_base_model().state_dict()[unadapted])
+
+    out = tmp_path / "final"
+    save_model_weights(model, out, torch.float32)
+    reference = copy.deepcopy(model).merge_and_unload()  # PEFT merges in W's dtype
+    saved = load_file(str(out / "model.safetensors"))
+    tied = model.get_base_model().config.tie_word_embeddings
+    assert set(saved) == set(reference.state_dict()) - ({"lm_head.weight"} if tied else set())
+    ulp = 1e-6 if base_dtype == "float32" else 2**-7  # PEFT adds in bf16: a rounding apart
+    for name, tensor in saved.items():
+        want = reference.state_dict()[name].float()
+        assert torch.allclose(tensor, want, rtol=ulp, atol=ulp * want.abs().max()), name
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.randint(3, loaded.config.vocab_size, (2, 12),
+                        generator=torch.Generator().manual_seed(1))
+    if base_dtype == "float32":
+        with torch.no_grad():
+            assert torch.allclose(loaded(ids).logits, reference(ids).logits, atol=1e-5)
+
+
+def test_weights_written_in_shards_past_the_limit_load_as_one_model(tiny_base, tmp_path):
+    """Past ``max_shard_bytes`` the weights go to numbered shards with the hub's index file,
+    which transformers loads to the same tensors."""
+    from transformers import AutoModelForCausalLM
+
+    from nftune.artifact import save_model_weights, write_weights
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    state = model.state_dict()
+    names = [n for n in state if n != "lm_head.weight" or not model.config.tie_word_embeddings]
+    shapes = [(n, state[n].dtype, tuple(state[n].shape)) for n in names]
+    largest = max(state[n].numel() * 4 for n in names)
+    files = write_weights(tmp_path, shapes, ((n, state[n]) for n in names), largest)
+    assert len(files) > 1 and (tmp_path / "model.safetensors.index.json").exists()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(names)
+    assert index["metadata"]["total_size"] == sum(state[n].numel() * 4 for n in names)
+    model.config.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for name, tensor in again.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+    with pytest.raises(ValueError, match="expected"):  # tensors out of the planned order
+        write_weights(tmp_path / "..", shapes, ((n, state[n]) for n in reversed(names)))
+    save_model_weights(model, tmp_path / "whole", torch.bfloat16)
+    assert safetensors_dtypes(tmp_path / "whole" / "model.safetensors") == {"BF16"}

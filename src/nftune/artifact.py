@@ -8,6 +8,7 @@ Also the disk-space arithmetic the trainer states at start and checks before eve
 from __future__ import annotations
 
 import copy
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -49,26 +50,105 @@ def final_dtype(cfg: TrainConfig) -> torch.dtype:
     return declared_dtype(cfg.model) if cfg.final_dtype == "auto" else DTYPES[cfg.final_dtype]
 
 
+# the largest weights file save_pretrained writes before sharding (transformers 5's default)
+MAX_SHARD_BYTES = 50 * 10**9
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                      torch.float64: "F64", torch.int64: "I64", torch.int32: "I32",
+                      torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                      torch.bool: "BOOL"}
+
+
+def _tensor_header(shapes: list[tuple[str, torch.dtype, tuple[int, ...]]]
+                   ) -> tuple[bytes, list[int]]:
+    """A safetensors header for tensors of these names, dtypes and shapes, in this order, and
+    each tensor's size in bytes (the layout of the format's specification: an 8-byte little-
+    endian length, a JSON table of offsets padded to 8 bytes, then the raw tensors)."""
+    import json
+
+    table: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    sizes, offset = [], 0
+    for name, dtype, shape in shapes:
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        table[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                       "data_offsets": [offset, offset + size]}
+        sizes.append(size)
+        offset += size
+    text = json.dumps(table, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, sizes
+
+
+def write_weights(directory: Path, shapes: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                  tensors, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Path]:
+    """Write ``tensors`` (an iterator of (name, tensor) in the order of ``shapes``) as a Hugging
+    Face model's weights — ``model.safetensors``, or shards and their index past
+    ``max_shard_bytes`` — one tensor at a time: each is copied to host memory, written and
+    dropped, so nothing close to the whole model's size is ever held. Returns the files."""
+    import json
+
+    element = {name: torch.empty((), dtype=dtype).element_size() for name, dtype, _ in shapes}
+    shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+    filled = 0
+    for entry in shapes:
+        size = math.prod(entry[2]) * element[entry[0]]
+        if shards[-1] and filled + size > max_shard_bytes:
+            shards.append([])
+            filled = 0
+        shards[-1].append(entry)
+        filled += size
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    stream = iter(tensors)
+    for file_name, shard in zip(names, shards, strict=True):
+        header, _ = _tensor_header(shard)
+        with open(directory / file_name, "wb") as f:
+            f.write(header)
+            for want, dtype, shape in shard:
+                name, tensor = next(stream)
+                if name != want or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+                    raise ValueError(f"write_weights: expected {want} {dtype} {shape}, got "
+                                     f"{name} {tensor.dtype} {tuple(tensor.shape)}")
+                host = tensor.detach().contiguous().cpu().reshape(-1)
+                f.write(memoryview(host.view(torch.uint8).numpy()))
+                del host, tensor
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(math.prod(s) * element[n]
+                                                for n, _, s in shapes)},
+                 "weight_map": {n: f for f, shard in zip(names, shards, strict=True)
+                                for n, _, _ in shard}}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return [directory / n for n in names]
+
+
 def save_model_weights(model, directory: Path, dtype: torch.dtype) -> None:
     """The policy as a plain model directory in ``dtype`` (LoRA merged, adapters in
-    ``adapter/``); tensors that share storage (tied embeddings) stay shared."""
-    from nftune.policy import is_lora, merged_state_dict
+    ``adapter/``), written one tensor at a time (:func:`nftune.policy.merged_weights`,
+    :func:`write_weights`): a save holds at most one layer's merged weight beyond the model.
+    A weight that shares storage with an earlier one (tied embeddings) is written once, as
+    ``save_pretrained`` does; the loader ties it again from the config."""
+    from nftune.policy import is_lora, merged_weights
 
     base = model.get_base_model() if is_lora(model) else model
-    cast: dict[int, torch.Tensor] = {}
-    state = {}
-    for name, tensor in merged_state_dict(model).items():
-        if tensor.is_floating_point():
-            key = tensor.data_ptr()
-            if key not in cast:
-                cast[key] = tensor.detach().to(dtype)
-            tensor = cast[key]
-        state[name] = tensor
-    base.save_pretrained(directory, state_dict=state, safe_serialization=True)
-    # save_pretrained records the dtype of the weights in memory; loaders read the saved one
+    seen, shapes, skip = set(), [], set()
+    for name, tensor in base.state_dict().items():
+        if ".lora_" in name:
+            continue
+        name = name.replace(".base_layer.", ".")
+        key = (tensor.data_ptr(), tensor.numel(), tensor.dtype)
+        if key in seen and tensor.numel():
+            skip.add(name)
+            continue
+        seen.add(key)
+        shapes.append((name, dtype if tensor.is_floating_point() else tensor.dtype,
+                       tuple(tensor.shape)))
+    directory.mkdir(parents=True, exist_ok=True)
+    write_weights(directory, shapes, ((n, t) for n, t in merged_weights(model, dtype)
+                                      if n not in skip))
     config = copy.deepcopy(base.config)
-    config.dtype = dtype
+    config.dtype = dtype  # the saved weights' dtype, which loaders read
     config.save_pretrained(directory)
+    if getattr(base, "generation_config", None) is not None and base.can_generate():
+        base.generation_config.save_pretrained(directory)
     if is_lora(model):
         model.save_pretrained(directory / "adapter", safe_serialization=True)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -161,29 +162,32 @@ def is_lora(model) -> bool:
     return hasattr(model, "peft_config")
 
 
-def merged_state_dict(model) -> dict[str, torch.Tensor]:
-    """The policy's weights under the plain model's names: LoRA adapters merged into their
-    base weights (W + scale · B A, computed in float32, stored in W's dtype); the model's own
-    state dict without LoRA. The trained model itself is left as it is."""
-    if not is_lora(model):
-        return model.state_dict()
-    from peft.tuners.lora import LoraLayer
-
-    base = model.get_base_model()
-    deltas = {}
+def merged_weights(model, dtype: torch.dtype | None = None
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The policy's weights under the plain model's names, one tensor at a time, in state-dict
+    order: a LoRA-adapted weight is merged as it is reached (W + scale · B A, summed in float32
+    and stored in W's dtype), so what is held beyond the model is one layer's delta and its
+    merged copy; without LoRA, the model's own tensors. ``dtype`` casts floating tensors (one
+    at a time too). Tensors that share storage (tied embeddings) come once per name, sharing
+    unless cast. The trained model itself is left as it is."""
+    base = model.get_base_model() if is_lora(model) else model
+    modules = dict(base.named_modules()) if is_lora(model) else {}
     with torch.no_grad():
-        for name, module in base.named_modules():
-            if isinstance(module, LoraLayer):
-                delta = sum(module.get_delta_weight(a).float() for a in module.active_adapters)
-                deltas[f"{name}.weight"] = delta
-        merged = {}
         for name, tensor in base.state_dict().items():
             if ".lora_" in name:
                 continue
-            name = name.replace(".base_layer.", ".")
-            merged[name] = (tensor.float() + deltas[name]).to(tensor.dtype) \
-                if name in deltas else tensor
-    return merged
+            owner, _, leaf = name.rpartition(".")
+            layer = modules.get(owner.removesuffix(".base_layer")) \
+                if owner.endswith(".base_layer") and leaf == "weight" else None
+            if layer is not None and getattr(layer, "active_adapters", None):
+                merged = tensor.to(torch.float32, copy=True)  # never W itself
+                for adapter in layer.active_adapters:
+                    merged += layer.get_delta_weight(adapter).float()
+                tensor = merged.to(dtype or tensor.dtype)
+                del merged
+            elif dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            yield name.replace(".base_layer.", "."), tensor
 
 
 def save_policy(model, directory: Path) -> None:

@@ -511,10 +511,12 @@ class VLLMEngine:
 
     def _push_weights(self) -> None:
         """The trainer's current weights into vLLM, in memory."""
-        from nftune.policy import merged_state_dict
+        from nftune.policy import merged_weights
 
-        weights = list(merged_state_dict(self.model).items())  # LoRA: merged into the base
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        # one tensor at a time (LoRA: each layer merged as vLLM reaches it), never a copy of
+        # the whole model; the engine runs in this process, so the generator is consumed here
+        self.llm.collective_rpc("reload_weights",
+                                kwargs={"weights_iterator": merged_weights(self.model)})
         self.stale = False
         self.weight_pushes += 1
 
