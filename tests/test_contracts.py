@@ -56,6 +56,9 @@ class ScriptedEngine:
     def generate(self, prompts, k, **kw):
         return self.rollouts.pop(0)
 
+    def finish_rollout(self):
+        pass
+
 
 class StubModel:
     def eval(self):
@@ -214,7 +217,7 @@ def test_cli_rejects_unknown_algorithms_before_reading_anything(capsys):
     assert "--algos: unknown ['ppo']" in err
 
 
-def test_the_vllm_engine_without_vllm_names_the_extra(tiny_base, tmp_path):
+def test_the_vllm_engine_without_vllm_names_the_extra(tiny_base, arithmetic_files, tmp_path):
     try:
         import vllm  # noqa: F401
         pytest.skip("vLLM is installed here")
@@ -222,9 +225,9 @@ def test_the_vllm_engine_without_vllm_names_the_extra(tiny_base, tmp_path):
         pass
     from helpers import run_cli
 
-    result = run_cli("train", "--model", tiny_base, "--train-data", "gsm8k",
-                     "--rollout-engine", "vllm", "--output-dir", tmp_path / "run",
-                     "--no-progress")
+    result = run_cli("train", "--model", tiny_base, "--train-data", arithmetic_files["train"],
+                     "--template", "raw", "--rollout-engine", "vllm",
+                     "--output-dir", tmp_path / "run", "--no-progress")
     assert result.returncode == 2
     assert "pip install -e '.[vllm]'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

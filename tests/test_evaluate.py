@@ -229,3 +229,13 @@ def test_paper_protocol_temperature_follows_the_model_size(tiny_base, tmp_path):
     # no readable config: the 7B setting, and loading the model is what reports the problem
     assert model_parameters(str(tmp_path / "missing")) is None
     assert paper_temperature(str(tmp_path / "missing")) == 1.0
+
+
+def test_vllm_memory_share_is_refused_with_the_hf_engine(tiny_base):
+    """--gpu-memory-utilization is vLLM's share of the card: with the hf engine it is an
+    error naming the flag, before any model loads."""
+    from nftune.evaluate import evaluate_model
+
+    with pytest.raises(ValueError, match="--gpu-memory-utilization: .* only with --engine vllm"):
+        evaluate_model(str(tiny_base), ["math500"], None, engine_name="hf",
+                       gpu_memory_utilization=0.5)

@@ -157,7 +157,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 seed=args.seed, k=args.k, temperature=args.temperature, top_p=args.top_p,
                 max_new_tokens=args.max_new_tokens, template=args.template,
                 batch_size=args.batch_size, limit=args.limit, data_dir=data_dir,
-                engine_name=args.engine, dtype=args.dtype, progress=not args.no_progress)
+                engine_name=args.engine, dtype=args.dtype,
+                gpu_memory_utilization=args.gpu_memory_utilization,
+                progress=not args.no_progress)
             title = args.model
     if args.model:
         overrides = [f"--{name.replace('_', '-')} {value}" for name, value, default in (
@@ -333,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="the model's compute dtype (default: float32 with hf; vllm: the dtype "
                         "the model's config declares)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="vllm: the share of the GPU for vLLM's weights and KV cache (default "
+                        "0.9, vLLM's own: nothing else runs beside it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verify-workers", type=int, default=None)
     p.add_argument("--output", default=None,

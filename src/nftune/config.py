@@ -112,10 +112,14 @@ class TrainConfig:
     vllm_gpu_memory_utilization: float = _option(0.4, "vllm: fraction of GPU memory for vLLM's "
                                                       "weights and KV cache; the trainer "
                                                       "shares the card.")
-    vllm_sleep: bool = _option(False, "vllm: free vLLM's weights and KV cache during each "
-                                      "update (GPU only); weights are pushed again after it.")
-    vllm_max_model_len: int | None = _option(None, "vllm: longest prompt + answer (default: the "
-                                                   "model's context); bounds the KV cache.")
+    vllm_sleep: bool = _option(False, "vllm: free vLLM's weights and KV cache from the end of "
+                                      "each step's rollout (after its last refill) through the "
+                                      "update (GPU only); on waking the weights come back first, "
+                                      "are pushed, then the KV cache.")
+    vllm_max_model_len: int | None = _option(None, "vllm: longest prompt + answer vLLM serves "
+                                                   "(default: the run's longest prompt, training "
+                                                   "and evaluation sets, + the larger answer "
+                                                   "budget, within the model's context).")
     steps: int = _option(100, "Rollout steps (paper: ~320 at 7B).")
     prompts_per_step: int = _option(16, "Questions per rollout step, after filtering (paper: 512).")
     answers_per_prompt: int = _option(8, "K, answers sampled per question (paper: 16).")

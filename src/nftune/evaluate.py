@@ -345,11 +345,12 @@ def evaluate_model(model_path: str, benchmarks: list[str], verifier: Verifier, *
                    temperature: float = 1.0, top_p: float = 0.7, max_new_tokens: int = 4096,
                    template: str | None = None, batch_size: int = 64, limit: int | None = None,
                    data_dir: str | None = None, engine_name: str = "hf",
-                   dtype: str | None = None, progress: bool = False) -> list[EvalResult]:
+                   dtype: str | None = None, gpu_memory_utilization: float | None = None,
+                   progress: bool = False) -> list[EvalResult]:
     """The paper's protocol on a model: each benchmark with its k and template unless given.
     ``engine_name`` "vllm" generates with vLLM (:class:`nftune.rollout.VLLMEngine`, the model's
-    own dtype) and never loads the model into torch; ``dtype`` (float32 | bfloat16) is the
-    Hugging Face engine's (default float32)."""
+    own dtype, ``gpu_memory_utilization`` of the card, default 0.9) and never loads the model
+    into torch; ``dtype`` (float32 | bfloat16) is the Hugging Face engine's (default float32)."""
     import torch
 
     from nftune.config import engine_class
@@ -360,6 +361,11 @@ def evaluate_model(model_path: str, benchmarks: list[str], verifier: Verifier, *
     except ValueError as err:
         raise ValueError(f"--{err}") from None
     options = {"dtype": dtype} if dtype else {}
+    if gpu_memory_utilization is not None:
+        if engine_name != "vllm":
+            raise ValueError("--gpu-memory-utilization: vLLM's share of the card, only with "
+                             "--engine vllm")
+        options["gpu_memory_utilization"] = gpu_memory_utilization
     engine = cls.for_evaluation(model_path, device=device, batch_size=batch_size, seed=seed,
                                 **options)
     model, tokenizer = getattr(engine, "model", None), engine.tokenizer

@@ -160,6 +160,26 @@ def answer_budget(prompt_tokens: int, max_new_tokens: int, context: int | None) 
     return budget
 
 
+def run_context(prompt_tokens: int | None, answer_tokens: int, context: int | None
+                ) -> int | None:
+    """The positions a run needs of an engine: its longest prompt plus its answer budget,
+    within the model's ``context``; None (the engine's own default) if the prompts are not
+    known."""
+    if prompt_tokens is None:
+        return None
+    need = prompt_tokens + answer_tokens
+    return min(need, context) if context else need
+
+
+def longest_prompt_tokens(tokenizer, prompts: list[str]) -> int:
+    """Tokens of the longest of ``prompts``, encoded as the engines encode them."""
+    longest = 0
+    for start in range(0, len(prompts), 4096):
+        longest = max([longest, *map(len, encode_prompts(tokenizer,
+                                                          prompts[start: start + 4096]))])
+    return longest
+
+
 def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
         tokenizer.eos_token_id
@@ -312,13 +332,20 @@ class GenerationEngine(Protocol):
         ``record_logprobs``)."""
         ...
 
+    def finish_rollout(self) -> None:
+        """The step's rollout is complete (every dynamic-sampling round): free what generation
+        holds before the update, if the engine does so."""
+        ...
+
     def update_weights(self, model) -> None:
         """The policy was updated: sample from ``model``'s weights from now on."""
         ...
 
     @classmethod
-    def from_config(cls, model, tokenizer, cfg) -> GenerationEngine:
-        """The engine a training run samples with, next to its ``model``."""
+    def from_config(cls, model, tokenizer, cfg, prompt_tokens: int | None = None
+                    ) -> GenerationEngine:
+        """The engine a training run samples with, next to its ``model``; ``prompt_tokens``:
+        the longest prompt the run will send (training and evaluation), if known."""
         ...
 
     @classmethod
@@ -340,7 +367,7 @@ class HFEngine:
         self.precision = precision or contextlib.nullcontext
 
     @classmethod
-    def from_config(cls, model, tokenizer, cfg) -> HFEngine:
+    def from_config(cls, model, tokenizer, cfg, prompt_tokens: int | None = None) -> HFEngine:
         """Sampling in the trainer's precision (``bf16``: the same autocast as the update)."""
         from nftune.policy import pick_device, precision
 
@@ -373,6 +400,9 @@ class HFEngine:
         finally:
             self.model.train(was_training)
 
+    def finish_rollout(self) -> None:
+        """Nothing to free: ``generate``'s KV cache goes with its call."""
+
     def update_weights(self, model) -> None:
         self.model = model
 
@@ -396,6 +426,12 @@ class VLLMEngine:
 
     Sampling is seeded from torch's generator, so a run reseeded per step (as the trainer
     does) samples the same answers again on resume, on the same machine.
+
+    With ``sleep`` (GPU only) vLLM sleeps once per step, after the rollout's last round
+    (:meth:`finish_rollout`), discarding its weights and KV cache for the update; waking frees
+    PyTorch's cached blocks first, then restores the weights' memory, pushes the new weights
+    and only then allocates the KV cache, so weights and cache never sit beside the
+    update's leftovers.
     """
 
     records_logprobs = False
@@ -427,15 +463,17 @@ class VLLMEngine:
                        logprobs_mode="processed_logprobs",
                        load_format="auto" if model is None else "dummy")
         self.context = self.llm.llm_engine.model_config.max_model_len
-        self.asleep, self.stale, self.weight_pushes = False, False, 0
+        self.asleep, self.stale, self.weight_pushes, self.sleeps = False, False, 0, 0
         if model is not None:  # the trainer's weights, whatever the directory holds
             self._push_weights()
 
     @classmethod
     def for_evaluation(cls, model_path: str, *, device: str = "auto", batch_size: int = 64,
-                       seed: int = 0, dtype: str | None = None) -> VLLMEngine:
+                       seed: int = 0, dtype: str | None = None,
+                       gpu_memory_utilization: float = 0.9) -> VLLMEngine:
         """A saved model to evaluate, loaded by vLLM alone (never into torch), in the dtype its
-        config declares: vLLM's ``auto`` would run a float32 model in half precision."""
+        config declares (vLLM's ``auto`` would run a float32 model in half precision), with
+        ``gpu_memory_utilization`` of the card (vLLM's own default: nothing else runs)."""
         from transformers import GenerationConfig
 
         from nftune.artifact import declared_dtype
@@ -445,17 +483,28 @@ class VLLMEngine:
             generation_config = GenerationConfig.from_pretrained(model_path)
         except OSError:  # no generation_config.json: the tokenizer's EOS ends answers
             generation_config = None
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"--gpu-memory-utilization: a fraction in (0, 1], got "
+                             f"{gpu_memory_utilization}")
         return cls(model_path, load_tokenizer(model_path), seed=seed,
                    dtype=dtype or str(declared_dtype(model_path)).removeprefix("torch."),
-                   generation_config=generation_config)
+                   generation_config=generation_config,
+                   gpu_memory_utilization=gpu_memory_utilization)
 
     @classmethod
-    def from_config(cls, model, tokenizer, cfg) -> VLLMEngine:
+    def from_config(cls, model, tokenizer, cfg, prompt_tokens: int | None = None
+                    ) -> VLLMEngine:
+        """vLLM in the trainer's precision; its context (``max_model_len``, which sizes the
+        KV cache it can hold) ``vllm_max_model_len``, or by default the longest prompt plus the
+        larger answer budget of training and evaluation, within the model's context."""
         device = next(model.parameters()).device
         return cls(model.name_or_path, tokenizer, model=model,
                    dtype="bfloat16" if cfg.uses_bf16(device.type) else "float32", seed=cfg.seed,
                    gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                   sleep=cfg.vllm_sleep, max_model_len=cfg.vllm_max_model_len)
+                   sleep=cfg.vllm_sleep,
+                   max_model_len=cfg.vllm_max_model_len or run_context(
+                       prompt_tokens, max(cfg.max_new_tokens, cfg.eval_max_new_tokens or 0),
+                       getattr(model.config, "max_position_embeddings", None)))
 
     def generate(self, prompts: list[str], sampling: Sampling, *,
                  record_logprobs: bool = False) -> Rollout:
@@ -466,9 +515,8 @@ class VLLMEngine:
             raise ValueError("old_logprobs: generate needs the hf engine; with vllm π_old is "
                              "recomputed by the trainer (old_logprobs: recompute)")
         if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
-        if self.stale:
+            self._wake_with_new_weights()
+        elif self.stale:
             self._push_weights()
         encoded = encode_prompts(self.tokenizer, prompts)
         k, greedy = sampling.n, sampling.greedy
@@ -484,9 +532,6 @@ class VLLMEngine:
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded],
                                     params, use_tqdm=False)
         answers = [c for out in outputs for c in out.outputs]
-        if self.sleep:  # free the KV cache and weights for the update; pushed again on waking
-            self.llm.sleep(level=2)
-            self.asleep, self.stale = True, True
         width = max(1, max(len(c.token_ids) for c in answers))
         pad_id = pad_token_id(self.tokenizer)
         response = torch.full((len(answers), width), pad_id, dtype=torch.long)
@@ -503,11 +548,33 @@ class VLLMEngine:
         rollout.engine_logprobs = engine_logprobs.to(device) * rollout.response_mask
         return rollout
 
+    def finish_rollout(self) -> None:
+        """With ``sleep``: discard vLLM's weights and KV cache (level 2) until the update's
+        weights are pushed; once per step, however many rounds the rollout took."""
+        if self.sleep and not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep, self.stale = True, True
+            self.sleeps += 1
+
     def update_weights(self, model) -> None:
-        """Push ``model``'s weights into vLLM now (while asleep: on waking)."""
+        """Push ``model``'s weights into vLLM now (asleep: wake it, weights first)."""
         self.model, self.stale = model, True
-        if not self.asleep:
+        if self.asleep:
+            self._wake_with_new_weights()
+        else:
             self._push_weights()
+
+    def _wake_with_new_weights(self) -> None:
+        """Free PyTorch's cached blocks, wake the weights' memory, push, then the KV cache."""
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.llm.wake_up(tags=["weights"])
+        self._push_weights()
+        self.llm.wake_up(tags=["kv_cache"])
+        self.asleep = False
 
     def _push_weights(self) -> None:
         """The trainer's current weights into vLLM, in memory."""

@@ -64,6 +64,7 @@ from nftune.rollout import (
     HFEngine,
     Rollout,
     concat_rollouts,
+    longest_prompt_tokens,
     pad_token_id,
 )
 from nftune.update import recompute_logprobs, update_policy
@@ -188,6 +189,7 @@ def collect_rollout(model, tokenizer, questions: list[Question], sampler: Prompt
             kept_questions += len(batch) if rows is None else len(rows) // k
         if kept_questions >= cfg.prompts_per_step:
             break
+    engine.finish_rollout()  # the last round: vLLM may sleep through π_old and the update
     rewards_t, lengths_t = torch.cat(rewards), torch.cat(lengths)
     stats = RolloutStats(
         generated_answers=len(rewards_t), reward_mean=rewards_t.mean().item(),
@@ -339,11 +341,15 @@ class Trainer:
                 raise
             raise CheckpointError(f"{checkpoint}: cannot load the model "
                                   f"({type(err).__name__}: {err})") from None
-        self.engine = engine_class(cfg.rollout_engine).from_config(self.model, self.tokenizer,
-                                                                   cfg)
         self.questions = load_questions(cfg.train_data, data_dir=cfg.data_dir,
                                         limit=cfg.train_limit)
         self.eval_sets = load_eval_sets(cfg) if cfg.eval_every else {}
+        self.prompt_tokens = longest_prompt_tokens(self.tokenizer, [
+            format_prompt(q.problem, cfg.template, self.tokenizer)
+            for q in [*self.questions.questions, *(q for qs in self.eval_sets.values()
+                                                   for q in qs)]])
+        self.engine = engine_class(cfg.rollout_engine).from_config(
+            self.model, self.tokenizer, cfg, prompt_tokens=self.prompt_tokens)
         self.sampler = PromptSampler(len(self.questions), cfg.seed)
         self.optimizer = make_optimizer(self.model, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg)

@@ -230,6 +230,75 @@ def test_sleep_mode_needs_a_gpu(base32, policy):
         VLLMEngine(str(base32), tokenizer, sleep=True)
 
 
+class SleepRecorder:
+    """vLLM's ``LLM`` with its sleep and wake calls recorded and skipped (vLLM's sleep mode needs
+    a GPU), its weight pushes recorded and passed on: the order of the colocated discipline
+    can be checked on the CPU build, with real generation and real pushes."""
+
+    def __init__(self, llm):
+        self.llm, self.calls = llm, []
+
+    def sleep(self, level):
+        self.calls.append(f"sleep{level}")
+
+    def wake_up(self, tags=None):
+        self.calls.append("wake:" + ",".join(tags or ["all"]))
+        return True
+
+    def generate(self, *args, **kwargs):
+        self.calls.append("generate")
+        return self.llm.generate(*args, **kwargs)
+
+    def collective_rpc(self, method, **kwargs):
+        self.calls.append(method)
+        return self.llm.collective_rpc(method, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.llm, name)
+
+
+def test_colocated_vllm_sleeps_once_per_step_and_wakes_weights_first(base32, tmp_path):
+    """A trainer step whose dynamic sampling needs several rounds: vLLM generates every round
+    awake and sleeps once, after the last (before π_old and the update); the update's push
+    wakes the weights, pushes, then wakes the KV cache; evaluation after it needs no wake or
+    push. A step with nothing kept wakes and pushes at the next generation. The default
+    context is the longest prompt plus the answer budget, not the model's 512 positions."""
+    from helpers import tiny_run_values
+
+    from nftune.config import build_config
+    from nftune.train import Trainer
+
+    files = {"train": tmp_path / "train.jsonl", "test": tmp_path / "test.jsonl"}
+    for split, n in (("train", 200), ("test", 8)):
+        files[split].write_text("".join(json.dumps(q.__dict__) + "\n"
+                                        for q in make_questions(n, split, 0, 1)))
+    values = tiny_run_values(base32, files, tmp_path / "run", rollout_engine="vllm",
+                             max_gen_batches=6, prompts_per_step=24, answers_per_prompt=4,
+                             steps=2, eval_every=1, eval_data=str(files["test"]))
+    with Trainer(build_config(None, values)) as trainer:
+        engine = trainer.engine
+        longest = max(len(engine.tokenizer(format_prompt(q.problem, "raw", engine.tokenizer))
+                          ["input_ids"]) for q in make_questions(200, "train", 0, 1))
+        assert trainer.prompt_tokens >= longest
+        assert engine.context == trainer.prompt_tokens + trainer.cfg.max_new_tokens < 512
+        engine.sleep, engine.llm = True, SleepRecorder(engine.llm)  # as vllm_sleep on a GPU
+        row = trainer.step()
+        calls = engine.llm.calls
+        assert row["gen_batches"] >= 2, row  # dynamic sampling refilled
+        rounds = row["gen_batches"]
+        assert calls[:rounds + 1] == ["generate"] * rounds + ["sleep2"]
+        assert calls[rounds + 1:rounds + 4] == ["wake:weights", "reload_weights",
+                                                "wake:kv_cache"]
+        assert calls[rounds + 4:] == ["generate"]  # the evaluation: awake, weights current
+        assert engine.sleeps == 1 and not engine.asleep
+        engine.llm.calls.clear()
+        engine.finish_rollout()  # a step that kept nothing: asleep, no update
+        torch.manual_seed(0)
+        engine.generate(["1+1"], Sampling(n=2, max_new_tokens=4))
+        assert engine.llm.calls == ["sleep2", "wake:weights", "reload_weights", "wake:kv_cache",
+                                    "generate"]
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line, as a user runs it (a process each: a run owns its vLLM engine)
 # ---------------------------------------------------------------------------------------------
