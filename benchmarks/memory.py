@@ -1,19 +1,22 @@
-"""Peak memory of one update step (forward, backward, optimizer step) of a real-size model:
-nftune's options one at a time and together, and TRL's GRPOTrainer on the same batch.
+"""Peak memory of the steady-state update step (the second optimizer step: AdamW's moments
+exist through its forward and backward) of a real-size model: nftune's options one at a time
+and together, and TRL's GRPOTrainer on the same batch, each beside the memory model of the fit
+check (``nftune.plan``).
 
 Usage: python benchmarks/memory.py [--arch qwen2.5-0.5b] [--rows 4] [--tokens 1024]
                                    [--only before,default,...] [--device cpu|cuda]
-       python benchmarks/memory.py --table [--rows 4 --tokens 4032]
+                                   [--save FILE.jsonl]
+       python benchmarks/memory.py --results FILE.jsonl [--rows ... --tokens ...]
 
-On ``--device cuda`` the figure is CUDA's peak allocator figure
-(``torch.cuda.max_memory_allocated``, what tensors held at the worst moment, without the
-caching allocator's slack or the CUDA context), and the memory model is compared without its
-CPU-process overhead.
+On ``--device cuda`` the figures are CUDA's peak allocated (``torch.cuda.max_memory_allocated``:
+what tensors held at the worst moment, compared with the memory model without its process
+overhead) and peak reserved (what the caching allocator held). On the CPU the figure is the
+process's peak RSS over the second step (VmHWM, reset before it through /proc/self/clear_refs).
 
-A model built from Qwen2.5-0.5B's config with random weights (vocabulary 151,936) takes one
-optimizer step on one micro-batch of ``rows`` answers × ``tokens`` response tokens (after a
-64-token prompt), each configuration in its own process; printed: the process's peak RSS and the
-ratio to TRL's peak. Every process runs with glibc's mmap threshold fixed
+A model built from Qwen2.5-0.5B's config with random weights (vocabulary 151,936) takes two
+optimizer steps on one micro-batch of ``rows`` answers × ``tokens`` response tokens (after a
+64-token prompt), each configuration in its own process; printed: the second step's peak and
+the ratio to TRL's peak. Every process runs with glibc's mmap threshold fixed
 (``MALLOC_MMAP_THRESHOLD_=131072``): by default glibc raises the threshold after the first large
 tensor is freed, later mid-size tensors (AdamW's moments, one per weight matrix) then land on a
 heap that never shrinks below its high-water mark, and the peak grows by whatever the freed
@@ -28,6 +31,7 @@ CPU allocator, not of the update, that GPU caching allocators do not share. Conf
     lora      before + LoRA r = 16 on every linear layer (float32 base)
     default   nftune's defaults: hidden, gradient_checkpointing auto (on for this model at
               this micro-batch; the output says), full fine-tune, float32
+    bf16      default + bf16 autocast (bf16: true; the default on CUDA)
     all       default + LoRA r = 16 + bfloat16 base
     trl       TRL's GRPOTrainer with its defaults (gradient checkpointing on) but float32 like
               nftune's defaults (TRL's default bf16=True autocast runs bfloat16 matmuls, which
@@ -50,17 +54,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-CONFIGS = ("before", "hidden", "ckpt", "lora", "default", "all", "trl", "trl_nockpt")
-# (log-probs from logits, gradient checkpointing, LoRA r = 16, bfloat16 base) per configuration
-OPTIONS = {"before": (True, False, False, False), "hidden": (False, False, False, False),
-           "ckpt": (True, True, False, False), "lora": (True, False, True, False),
-           "default": (False, None, False, False), "all": (False, True, True, True)}
+CONFIGS = ("before", "hidden", "ckpt", "lora", "default", "bf16", "all", "trl", "trl_nockpt")
+# (log-probs from logits, gradient checkpointing, LoRA r = 16, bfloat16 base, bf16 autocast)
+# per configuration
+OPTIONS = {"before": (True, False, False, False, False),
+           "hidden": (False, False, False, False, False),
+           "ckpt": (True, True, False, False, False), "lora": (True, False, True, False, False),
+           "default": (False, None, False, False, False),
+           "bf16": (False, None, False, False, True), "all": (False, True, True, True, False)}
 # None: the config's default, gradient_checkpointing auto (on at these shapes: see the output)
 PROMPT = 64
 
 
 def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB
+
+
+def _peak_rss_gb() -> float:
+    """The process's peak RSS since the last reset (VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return _rss_gb()
 
 
 def _current_rss_gb() -> float:
@@ -94,14 +109,15 @@ def run_nftune(name: str, model_dir: str, rows: int, tokens: int, device: str = 
     from nftune.policy import build_policy, make_optimizer, make_scheduler
     from nftune.update import update_policy
 
-    logits, ckpt, lora, bf16_base = OPTIONS[name]
+    logits, ckpt, lora, bf16_base, autocast = OPTIONS[name]
     update.LOGPROBS_FROM_HIDDEN_STATES = not logits
     cfg = build_config(None, dict(model=model_dir, train_data="unused", device=device,
                                   minibatches=1, micro_batch_tokens=rows * (PROMPT + tokens),
                                   warmup_steps=0, lr=1e-6,
                                   gradient_checkpointing="auto" if ckpt is None else ckpt,
                                   lora_rank=16 if lora else 0,
-                                  base_dtype="bfloat16" if bf16_base else "float32"))
+                                  base_dtype="bfloat16" if bf16_base else "float32",
+                                  bf16="true" if autocast else "false"))
     torch.manual_seed(0)
     model, _ = build_policy(cfg, torch.device(device))
     loaded = _current_rss_gb() if device == "cpu" else torch.cuda.memory_allocated() / 2**30
@@ -110,12 +126,28 @@ def run_nftune(name: str, model_dir: str, rows: int, tokens: int, device: str = 
     batch = _batch(rows, tokens, model.config.vocab_size)
     if device != "cpu":
         batch = _to(batch, device)
-        torch.cuda.reset_peak_memory_stats()
+    # the first step creates AdamW's moments; the second is the steady state, with the moments
+    # held through its forward and backward: its peak is the one measured
+    first = time.perf_counter()
+    metrics, _ = update_policy(model, optimizer, scheduler, batch, cfg, 0)
+    first = time.perf_counter() - first
+    _reset_peak(device)
     start = time.perf_counter()
     metrics, _ = update_policy(model, optimizer, scheduler, batch, cfg, 0)
     assert metrics["optimizer_steps"] == 1, metrics
-    return {"loaded_gb": loaded, "seconds": time.perf_counter() - start,
+    return {"loaded_gb": loaded, "seconds": time.perf_counter() - start, "first_s": first,
             "gradient_checkpointing": bool(model.is_gradient_checkpointing)}
+
+
+def _reset_peak(device: str) -> None:
+    """The peak counters from now on: CUDA's allocator statistics, or the process's peak RSS
+    (VmHWM, reset to the current RSS through /proc/self/clear_refs)."""
+    import torch
+
+    if device == "cpu":
+        Path("/proc/self/clear_refs").write_text("5")
+    else:
+        torch.cuda.reset_peak_memory_stats()
 
 
 def _to(batch, device: str):
@@ -166,89 +198,74 @@ def run_trl(name: str, model_dir: str, rows: int, tokens: int, device: str = "cp
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's training loop
     optimizer = trainer.create_optimizer()
-    start = time.perf_counter()
-    loss = trainer.compute_loss(trainer.model, inputs)
-    loss.backward()
-    optimizer.step()
-    return {"loaded_gb": loaded, "seconds": time.perf_counter() - start,
+    first = time.perf_counter()
+    for step in range(2):  # the second step, with AdamW's moments present, is measured
+        if step == 1:
+            first = time.perf_counter() - first
+            _reset_peak(device)
+            start = time.perf_counter()
+        loss = trainer.compute_loss(trainer.model, inputs)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {"loaded_gb": loaded, "seconds": time.perf_counter() - start, "first_s": first,
             "gradient_checkpointing": bool(trainer.model.is_gradient_checkpointing)}
 
 
 # ---------------------------------------------------------------------------------------------
-# The memory model (docs/performance.md): what one update step holds at its peak
+# The memory model: nftune.plan's (the fit check of nftune plan and nftune train)
 # ---------------------------------------------------------------------------------------------
 
 GIB = 2**30
-OVERHEAD_GIB = 0.6  # the Python process with torch and transformers imported (measured: 0.44)
-# activations autograd keeps per token and decoder layer, in floats of the compute dtype: the
-# count nftune's gradient_checkpointing: auto decides by (8 H + 4 I + 4 kv, from Qwen2's layer)
-from nftune.policy import ACTIVATION_TERMS  # noqa: E402
 
 
-def count_params(shape: dict) -> tuple[int, int]:
-    """(all parameters, LoRA r=16 adapter parameters on every linear layer but the head)."""
-    h, i, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
-    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
-    v = shape["vocab_size"]
-    per_layer = h * h * 2 + h * kv * 2 + h + 2 * kv + 3 * h * i + 2 * h
-    total = layers * per_layer + v * h * (1 if shape["tie_word_embeddings"] else 2) + h
-    r = 16  # A (r × in) and B (out × r) per linear layer
-    lora = layers * r * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3)
-    return total, lora
-
-
-def predict_gib(shape: dict, rows: int, tokens: int, *, logits: bool, ckpt: bool, lora: bool,
-                bf16_base: bool) -> float:
-    """Peak GiB of one update step: weights, gradients, AdamW's two moments, activations and
-    the vocabulary-sized tensors of the log-probs, whichever phase holds the most."""
-    total, adapters = count_params(shape)
-    h, i = shape["hidden_size"], shape["intermediate_size"]
-    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
-    layers, vocab = shape["num_hidden_layers"], shape["vocab_size"]
-    n, answer_tokens = rows * (PROMPT + tokens), rows * tokens
-    compute = 2 if (lora and bf16_base) else 4  # bytes per activation
-    trainable = adapters if lora else total
-    weights = total * (2 if (lora and bf16_base) else 4) + (adapters * 4 if lora else 0)
-    a, b, c = ACTIVATION_TERMS
-    per_layer = n * (a * h + b * i + c * kv) * compute
-    activations = n * h * compute * layers + per_layer if ckpt else per_layer * layers
-    # logits and their gradient (float32) for the whole micro-batch, or one chunk of each
-    vocab_tensors = answer_tokens * vocab * 4 * 2 if logits else 2**25 * 4 * 3
-    backward = activations + vocab_tensors + trainable * 4  # gradients fill as activations go
-    optimizer = trainable * 4 + trainable * 8
-    return OVERHEAD_GIB + (weights + max(backward, optimizer)) / GIB
-
-
-def print_table(rows: int = 4, tokens: int = 1024) -> None:
-    """Which setting fits which card, by the memory model (docs/performance.md)."""
+def predict_gib(arch: str, name: str, rows: int, tokens: int, ckpt: bool, device: str) -> float:
+    """nftune.plan's steady-state peak of one update step (backward or optimizer step, no
+    generation) for configuration ``name`` at this micro-batch, with the process's overhead."""
     from rollout_engines import ARCHS
 
-    settings = {"full fine-tune, no checkpointing": OPTIONS["hidden"],
-                "full fine-tune (defaults: checkpointing)": OPTIONS["default"],
-                "LoRA r=16 + bf16 base (+ checkpointing)": OPTIONS["all"]}
-    cards = (24, 48, 80)
-    print(f"| model | setting | peak GiB (micro-batch {rows} × {tokens} tokens) | "
-          + " | ".join(f"{c} GB" for c in cards) + " |")
-    print("|---|---|---|" + "---|" * len(cards))
-    for arch in ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"):
-        for label, (logits, ckpt, lora, bf16_base) in settings.items():
-            gib = predict_gib(ARCHS[arch], rows, tokens, logits=logits,
-                              ckpt=ckpt is not False, lora=lora,  # auto: on at these sizes
-                              bf16_base=bf16_base) - OVERHEAD_GIB + 1.0  # CUDA context ~1 GiB
-            fits = ["yes" if gib * GIB <= c * 1e9 * 0.95 else "no" for c in cards]
-            print(f"| {arch} | {label} | {gib:.1f} | " + " | ".join(fits) + " |")
+    from nftune.plan import PROCESS_BYTES, _shape, estimate
+
+    logits, _, lora, bf16_base, autocast = OPTIONS[name]
+    shape = _shape({**ARCHS[arch], "vocab_size": ARCHS[arch]["vocab_size"]})
+    _, phases = estimate(shape, tokens=rows * (PROMPT + tokens), checkpointing=ckpt,
+                         lora_rank=16 if lora else 0, bf16_base=bf16_base, autocast=autocast,
+                         logits_tokens=rows * tokens if logits else None)
+    # CUDA's allocator figure holds tensors only: no process in it
+    return (max(phases.values()) + (PROCESS_BYTES["cpu"] if device == "cpu" else 0)) / GIB
+
+
+def compare(arch: str, results: dict, rows: int, tokens: int, device: str) -> None:
+    """Each measurement beside the memory model, and the ratios to TRL's peak."""
+    key = "peak_gb"
+    for name, r in results.items():
+        model = ""
+        if name in OPTIONS:
+            predicted = predict_gib(arch, name, rows, tokens, r["gradient_checkpointing"],
+                                    device)
+            model = f"; memory model {predicted:5.2f} GiB ({predicted / r[key] - 1:+.0%})"
+        reserved = f", reserved {r['reserved_gb']:.2f}" if r.get("reserved_gb") else ""
+        ckpt_state = "on" if r["gradient_checkpointing"] else "off"
+        print(f"  {name:12s} peak {r[key]:6.2f} GiB{reserved} (checkpointing {ckpt_state}; "
+              f"second step {r['seconds']:6.1f} s{model})", flush=True)
+    trl = results.get("trl", {}).get(key)
+    if trl:
+        print("ratios to TRL's peak (float32, gradient checkpointing on in both):")
+        for name, r in results.items():
+            print(f"  {name:11s} {r[key] / trl:.2f}×")
 
 
 def worker(name: str, model_dir: str, rows: int, tokens: int, device: str = "cpu") -> None:
     run = run_trl if name.startswith("trl") else run_nftune
     result = run(name, model_dir, rows, tokens, device)
     if device == "cpu":
-        peak = _rss_gb()
+        peak, reserved = _peak_rss_gb(), None
     else:
         import torch
 
         peak = torch.cuda.max_memory_allocated() / 2**30
-    result.update(name=name, peak_gb=peak)
+        reserved = torch.cuda.max_memory_reserved() / 2**30
+    result.update(name=name, peak_gb=peak, reserved_gb=reserved)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -259,8 +276,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--only", default=",".join(CONFIGS))
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--table", action="store_true",
-                        help="print the memory model's table for 0.5B / 1.5B / 7B and stop")
+    parser.add_argument("--save", default=None, help="append each result (JSON) to this file")
+    parser.add_argument("--results", default=None,
+                        help="a --save file: print its measurements against the memory model")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -268,19 +286,20 @@ def main() -> None:
         worker(args.worker, args.model_dir, args.rows, args.tokens, args.device)
         return
 
-    from rollout_engines import ARCHS, build_model_dir
+    from rollout_engines import build_model_dir
 
-    if args.table:
-        print_table(args.rows, args.tokens)
+    if args.results:  # measurements saved by an earlier run, against today's model
+        rows = [json.loads(x) for x in Path(args.results).read_text().splitlines() if x.strip()]
+        compare(args.arch, {r["name"]: r for r in rows}, args.rows, args.tokens, args.device)
         return
 
     with tempfile.TemporaryDirectory() as tmp:
         build_model_dir(args.arch, tmp, "float32")
         what = "peak RSS per process" if args.device == "cpu" else \
-            "CUDA peak allocated per process (torch.cuda.max_memory_allocated)"
-        print(f"{args.arch}, random weights, float32 on disk; one update step on {args.rows} "
-              f"answers × {args.tokens} tokens (+ {PROMPT}-token prompts) on {args.device}; "
-              + what)
+            "CUDA peak allocated and reserved per process"
+        print(f"{args.arch}, random weights, float32 on disk; the second of two update steps "
+              f"(AdamW's moments present) on {args.rows} answers × {args.tokens} tokens "
+              f"(+ {PROMPT}-token prompts) on {args.device}; " + what)
         results = {}
         for name in args.only.split(","):
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get(
@@ -293,25 +312,13 @@ def main() -> None:
             if proc.returncode or not lines:
                 print(f"  {name}: failed\n{proc.stderr[-2000:]}")
                 continue
-            results[name] = r = json.loads(lines[-1][7:])
-            model = ""
-            if name in OPTIONS:
-                logits, ckpt, lora, bf16_base = OPTIONS[name]
-                predicted = predict_gib(ARCHS[args.arch], args.rows, args.tokens, logits=logits,
-                                        ckpt=r["gradient_checkpointing"], lora=lora,
-                                        bf16_base=bf16_base)
-                if args.device != "cpu":  # tensors only: no Python process in the figure
-                    predicted -= OVERHEAD_GIB
-                model = f"; memory model {predicted:5.2f} GiB ({predicted / r['peak_gb'] - 1:+.0%})"
-            ckpt_state = "on" if r["gradient_checkpointing"] else "off"
-            print(f"  {name:12s} peak {r['peak_gb']:6.2f} GiB (checkpointing {ckpt_state}; step "
-                  f"{r['seconds']:6.1f} s{model})",
-                  flush=True)
-        trl = results.get("trl", {}).get("peak_gb")
-        if trl:
-            print("ratios to TRL's peak (float32, its default gradient checkpointing on):")
-            for name, r in results.items():
-                print(f"  {name:11s} {r['peak_gb'] / trl:.2f}×")
+            results[name] = json.loads(lines[-1][7:])
+            if args.save:
+                with open(args.save, "a") as f:
+                    f.write(lines[-1][7:] + "\n")
+            compare(args.arch, {name: results[name]}, args.rows, args.tokens, args.device)
+        if "trl" in results:
+            compare(args.arch, results, args.rows, args.tokens, args.device)
         vocab_bytes = args.rows * args.tokens * 151936 * 4 / 2**30
         print(f"one (answers × tokens × vocabulary) float32 tensor: {vocab_bytes:.2f} GiB")
 

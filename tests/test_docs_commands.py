@@ -97,6 +97,12 @@ def test_documented_command_parses(page, command, monkeypatch, tmp_path):
     if overrides.get("rollout_engine") == "vllm":
         pytest.importorskip("vllm")
     cfg = build_config(None, overrides)  # every key exists, every value has its type, combos
+    from nftune.plan import KNOWN_SHAPES, parse_memory, plan_run, read_shape
+
+    if args.command == "train" and cfg.model.lower() in KNOWN_SHAPES and cfg.device == "cuda":
+        # a one-GPU command the docs give must fit the largest common card by the fit check
+        plan = plan_run(cfg, read_shape(cfg.model), "cuda", parse_memory("80GB"))
+        assert plan.fits, f"{page}: `{command}` does not fit an 80 GB card:\n{plan.report()}"
     from nftune.reward import Reward, parse_reward_spec
 
     files = [t.target.rpartition(":")[0] for t in parse_reward_spec(cfg.reward)]
@@ -105,7 +111,7 @@ def test_documented_command_parses(page, command, monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("sub", ["objectives", "demo", "compare", "eval", "train", "data",
-                                 "verl-data"])
+                                 "verl-data", "plan"])
 def test_every_sub_command_has_help(sub, capsys):
     from nftune.cli import main
 
@@ -147,3 +153,12 @@ def test_documented_quick_commands_run(page, command, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     assert main(argv) == 0, f"{page}: `{command}` failed"
     assert capsys.readouterr().out.strip()
+
+
+def test_fit_tables_are_the_fit_checks_own():
+    """README's and docs/gpu.md's fit tables are nftune.plan's output, not written by hand."""
+    from nftune.plan import fit_markdown
+
+    table = fit_markdown()
+    for page in (ROOT / "README.md", ROOT / "docs" / "gpu.md"):
+        assert table in page.read_text(), f"{page.name}: regenerate the fit table"

@@ -101,6 +101,21 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
+    """The fit check of a run, before anything loads; exit 1 if it does not fit."""
+    from nftune.config import build_config, parse_overrides
+    from nftune.plan import parse_memory, plan_for_config
+
+    overrides = parse_overrides(extra)
+    if args.model is not None:
+        overrides["model"] = args.model
+    cfg = build_config(args.config, overrides)
+    memory = parse_memory(args.gpu_memory) if args.gpu_memory else None
+    plan = plan_for_config(cfg, memory)
+    print(plan.report())
+    return 0 if plan.fits else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The embedded default: a tiny model taught arithmetic, improved online on CPU."""
     from nftune.demo import run_demo
@@ -300,6 +315,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="demo base-model cache")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_compare, takes_extra=True)
+
+    p = sub.add_parser(
+        "plan", help="will a run fit? memory by component, verdict, what to change",
+        description="Reads the model's config.json (a local directory, or a known Qwen2.5 / "
+                    "Qwen2.5-Math / Llama 3 hub id offline) and the run's config (--config and "
+                    "--key value, as nftune train takes them); nothing loads. Exit 0: fits, 1: "
+                    "does not.")
+    p.add_argument("--config", help="the run's YAML config")
+    p.add_argument("--model", default=None, help="model directory or known hub id")
+    p.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                   help="plan for a CUDA card of this memory (e.g. 80GB, 24GB, 79.6GiB) "
+                        "instead of this machine's device")
+    p.set_defaults(func=cmd_plan, takes_extra=True)
 
     p = sub.add_parser("eval", help="the paper's benchmark table (avg@k, pass@k)")
     p.add_argument("--model", help="HF model directory or hub id to generate with")

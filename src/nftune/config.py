@@ -49,7 +49,8 @@ def engine_class(name: str) -> type:
 
 # where and on what a run executes: free to differ on resume (a run directory can move)
 RESUME_FREE_KEYS = ("output_dir", "data_dir", "device", "verify_workers",
-                    "vllm_gpu_memory_utilization", "vllm_sleep", "gradient_checkpointing")
+                    "vllm_gpu_memory_utilization", "vllm_sleep", "gradient_checkpointing",
+                    "fit_check")
 # may change on resume with --allow-changes: bookkeeping and evaluation, never what is trained;
 # steps only with a constant learning rate (the cosine schedule depends on it)
 RESUME_SAFE_KEYS = ("steps", "save_every", "keep_checkpoints", "eval_every", "eval_data",
@@ -86,6 +87,9 @@ class TrainConfig:
                                 "CUDA (with TF32 for what stays fp32), off on CPU (where bf16 "
                                 "matmuls can be slower than fp32); true | false to choose. "
                                 "Decided and logged at start.")
+    fit_check: bool = _option(True, "Refuse, before the model loads, a run that the memory "
+                                    "model (nftune plan) says cannot fit the device; false "
+                                    "to run it anyway.")
     gradient_checkpointing: str = _option(
         "auto", "Recompute each layer's activations in backward instead of keeping them (less "
                 "memory, ~1/3 more compute). auto: on where the activations of one micro-batch "

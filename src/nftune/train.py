@@ -50,8 +50,11 @@ from nftune.config import TrainConfig, engine_class
 from nftune.data import PromptSampler, Question, format_prompt, load_questions, strategy_for
 from nftune.evaluate import evaluate_sets, load_eval_sets
 from nftune.objectives import get_objective, overlong_penalty
+from nftune.plan import check_fit
 from nftune.policy import (
     build_policy,
+    device_memory_bytes,
+    load_tokenizer,
     make_optimizer,
     make_scheduler,
     pick_device,
@@ -334,13 +337,9 @@ class Trainer:
         self.reward = self._cleanup.enter_context(
             Reward(self.verifier, cfg.reward, cfg.verify_workers, cfg.verify_timeout_s))
         self.reward.start_in_background()  # its warm-up overlaps loading the model and data
-        try:
-            self.model, self.tokenizer = build_policy(cfg, device, checkpoint)
-        except Exception as err:  # noqa: BLE001 — whatever the file holds, name the checkpoint
-            if checkpoint is None:
-                raise
-            raise CheckpointError(f"{checkpoint}: cannot load the model "
-                                  f"({type(err).__name__}: {err})") from None
+        # the data and the tokenizer first: the fit check needs the longest prompt, and a run
+        # that cannot fit is refused before the model loads
+        self.tokenizer = load_tokenizer(cfg.model)
         self.questions = load_questions(cfg.train_data, data_dir=cfg.data_dir,
                                         limit=cfg.train_limit)
         self.eval_sets = load_eval_sets(cfg) if cfg.eval_every else {}
@@ -348,6 +347,17 @@ class Trainer:
             format_prompt(q.problem, cfg.template, self.tokenizer)
             for q in [*self.questions.questions, *(q for qs in self.eval_sets.values()
                                                    for q in qs)]])
+        if cfg.fit_check:
+            plan = check_fit(cfg, device.type, device_memory_bytes(device), self.prompt_tokens)
+            log.info("fit check: %s", "skipped (the model's shape is not known offline)"
+                     if plan is None else plan.report().replace("\n", "\n    "))
+        try:
+            self.model, self.tokenizer = build_policy(cfg, device, checkpoint)
+        except Exception as err:  # noqa: BLE001 — whatever the file holds, name the checkpoint
+            if checkpoint is None:
+                raise
+            raise CheckpointError(f"{checkpoint}: cannot load the model "
+                                  f"({type(err).__name__}: {err})") from None
         self.engine = engine_class(cfg.rollout_engine).from_config(
             self.model, self.tokenizer, cfg, prompt_tokens=self.prompt_tokens)
         self.sampler = PromptSampler(len(self.questions), cfg.seed)
