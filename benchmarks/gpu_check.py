@@ -1,0 +1,322 @@
+"""The GPU check: what the one-GPU path rests on, measured in one short window (≤ 7 minutes on
+one H100, no internet, no vLLM, no TRL), each stage in its own process under its own time
+limit, appending JSON lines to ``OUT/results.jsonl`` so that a cut loses only the tail.
+
+Usage (a lent GPU machine, from the repository root; nftune need not be installed):
+    python benchmarks/gpu_check.py --out $OUT/gpu_check
+and on the CPU at a reduced shape (the test suite runs this, so the script cannot rot):
+    python benchmarks/gpu_check.py --device cpu --small --out /tmp/gpu_check
+
+Stages, in priority order:
+    env        versions; which of vllm, trl, flash_attn, liger_kernel, bitsandbytes import
+    build      a Qwen2.5-1.5B-shaped model with random weights, bf16 safetensors (small: the
+               demo's shape)
+    update     the update at 16,384 tokens a micro-batch (small: 512), the second call timed
+               (tokens/s, peak allocated and reserved) for fp32 + checkpointing, bf16 autocast +
+               checkpointing and LoRA r16 on a bf16 base, each against a plain forward +
+               backward + AdamW floor on the same tokens and against the fit check's memory
+               model, with the largest micro-batch the model says fits
+    generate   Hugging Face generation at 512 new tokens (small: 16), 64 and 256 answers a call,
+               π_old's log-probs recorded or not
+    trainer    a 3-step Trainer run at that shape, reward from a file, leaving final/
+    numerics   recorded vs recomputed log-probs (fp32, bf16), the same update twice: bitwise?
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "src"))  # nftune from this checkout, installed or not
+
+STAGES = {"env": 20, "build": 45, "update": 150, "generate": 80, "trainer": 75, "numerics": 40}
+GIB = 2**30
+
+
+def _settings(small: bool) -> dict:
+    return dict(arch="demo" if small else "qwen2.5-1.5b", tokens=512 if small else 16384,
+                new_tokens=16 if small else 512, batches=(8, 32) if small else (64, 256))
+
+
+def _emit(out: Path, stage: str, **values) -> None:
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps({"stage": stage, **values}) + "\n")
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _reset(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peaks(device: str) -> dict:
+    import torch
+
+    if device == "cuda":
+        return {"peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
+                "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return {"peak_rss_gib": int(line.split()[1]) / 2**20}
+    return {}
+
+
+def stage_env(out: Path, args) -> None:
+    import importlib.util
+    import platform
+
+    import accelerate
+    import peft
+    import torch
+    import transformers
+
+    found = {name: importlib.util.find_spec(name) is not None
+             for name in ("vllm", "trl", "flash_attn", "liger_kernel", "bitsandbytes")}
+    _emit(out, "env", python=platform.python_version(), torch=torch.__version__,
+          cuda=torch.version.cuda, transformers=transformers.__version__,
+          peft=peft.__version__, accelerate=accelerate.__version__,
+          device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+          device_memory_gib=(torch.cuda.get_device_properties(0).total_memory / GIB
+                             if torch.cuda.is_available() else None),
+          importable=found)
+
+
+def stage_build(out: Path, args) -> None:
+    from rollout_engines import build_model_dir
+
+    start = time.perf_counter()
+    build_model_dir(_settings(args.small)["arch"], str(out / "model"),
+                    "float32" if args.small else "bfloat16")
+    _emit(out, "build", arch=_settings(args.small)["arch"], seconds=time.perf_counter() - start)
+
+
+def _config(out: Path, args, **overrides):
+    from nftune.config import build_config
+
+    values = dict(model=str(out / "model"), train_data="unused", device=args.device,
+                  minibatches=1, warmup_steps=0, lr=1e-6, gradient_checkpointing="true")
+    values.update(overrides)
+    return build_config(None, values)
+
+
+def _batch(rows: int, tokens: int, vocab: int, device: str):
+    import torch
+
+    from nftune.rollout import Rollout
+
+    g = torch.Generator().manual_seed(0)
+    prompt = 64
+    ids = torch.randint(3, vocab, (rows, prompt + tokens), generator=g).to(device)
+    return Rollout(
+        input_ids=ids, attention_mask=torch.ones_like(ids), prompt_len=prompt,
+        response_mask=torch.ones(rows, tokens, dtype=torch.long, device=device),
+        truncated=torch.zeros(rows, dtype=torch.bool, device=device),
+        group_ids=torch.zeros(rows, dtype=torch.long, device=device), texts=[""] * rows,
+        old_logprobs=torch.full((rows, tokens), -12.0, device=device),
+        reward=torch.tensor([1.0, 0.0] * (rows // 2), device=device),
+        r_hat=torch.full((rows,), 0.5, device=device))
+
+
+UPDATE_CONFIGS = {"fp32_ckpt": dict(bf16="false"), "bf16_ckpt": dict(bf16="true"),
+                  "lora16_bf16_base": dict(bf16="true", lora_rank=16, base_dtype="bfloat16")}
+
+
+def stage_update(out: Path, args) -> None:
+    import gc
+
+    import torch
+
+    from nftune.plan import estimate, plan_run, read_shape
+    from nftune.policy import build_policy, make_optimizer, make_scheduler
+    from nftune.update import update_policy
+
+    tokens = _settings(args.small)["tokens"]
+    rows = 4
+    shape = read_shape(str(out / "model"))
+    for name, change in UPDATE_CONFIGS.items():
+        cfg = _config(out, args, micro_batch_tokens=tokens, **change)
+        torch.manual_seed(0)
+        model, _ = build_policy(cfg, torch.device(args.device))
+        optimizer = make_optimizer(model, cfg)
+        scheduler = make_scheduler(optimizer, cfg)
+        batch = _batch(rows, tokens // rows - 64, model.config.vocab_size, args.device)
+        update_policy(model, optimizer, scheduler, batch, cfg, 0)  # creates AdamW's moments
+        _sync(args.device)
+        _reset(args.device)
+        start = time.perf_counter()
+        update_policy(model, optimizer, scheduler, batch, cfg, 0)
+        _sync(args.device)
+        seconds = time.perf_counter() - start
+        measured = _peaks(args.device)
+        # the floor: a plain forward + backward + AdamW on the same tokens
+        plain = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            with torch.autocast(args.device, dtype=torch.bfloat16,
+                                enabled=cfg.uses_bf16(args.device)):
+                loss = model(input_ids=batch.input_ids).logits.float().logsumexp(-1).mean()
+            loss.backward()
+            plain.step()
+            plain.zero_grad(set_to_none=True)
+            _sync(args.device)
+            times.append(time.perf_counter() - start)
+        _, phases = estimate(shape, tokens=rows * (tokens // rows), checkpointing=True,
+                             lora_rank=cfg.lora_rank, bf16_base=cfg.base_dtype == "bfloat16",
+                             autocast=cfg.uses_bf16(args.device))
+        plan = plan_run(cfg, shape, args.device, _device_bytes(args.device))
+        _emit(out, "update", config=name, tokens=rows * (tokens // rows), seconds=seconds,
+              tokens_per_s=rows * (tokens // rows) / seconds, floor_seconds=times[-1],
+              vs_floor=seconds / times[-1], model_gib=max(phases.values()) / GIB,
+              largest_micro_batch_tokens_by_model=plan.largest_micro_batch_tokens, **measured)
+        del model, optimizer, scheduler, plain
+        gc.collect()
+
+
+def _device_bytes(device: str) -> int:
+    import torch
+
+    from nftune.policy import device_memory_bytes
+
+    return device_memory_bytes(torch.device(device))
+
+
+def stage_generate(out: Path, args) -> None:
+    import torch
+
+    from nftune.policy import load_policy
+    from nftune.rollout import HFEngine
+    from nftune.sampling import Sampling
+
+    s = _settings(args.small)
+    model, tokenizer = load_policy(str(out / "model"), torch.device(args.device),
+                                   dtype=torch.bfloat16 if args.device == "cuda" else
+                                   torch.float32)
+    HFEngine(model, tokenizer, 8).generate(["1+1="], Sampling(n=8, max_new_tokens=4))  # warm-up
+    for batch in s["batches"]:
+        for record in (False, True):
+            engine = HFEngine(model, tokenizer, batch)
+            torch.manual_seed(0)
+            _reset(args.device)
+            start = time.perf_counter()
+            rollout = engine.generate(["1+1="] * (batch // 8),
+                                      Sampling(n=8, max_new_tokens=s["new_tokens"]),
+                                      record_logprobs=record)
+            _sync(args.device)
+            seconds = time.perf_counter() - start
+            _emit(out, "generate", batch=batch, record_logprobs=record, seconds=seconds,
+                  answers_per_s=len(rollout) / seconds,
+                  tokens_per_s=int(rollout.response_lengths.sum()) / seconds,
+                  **_peaks(args.device))
+
+
+REWARD = "def reward(responses, rows):\n    return [float(len(r) % 2) for r in responses]\n"
+
+
+def stage_trainer(out: Path, args) -> None:
+    from nftune.tasks.arithmetic import make_questions
+    from nftune.train import train
+
+    s = _settings(args.small)
+    (out / "reward.py").write_text(REWARD)
+    data = out / "train.jsonl"
+    data.write_text("".join(json.dumps(q.__dict__) + "\n" for q in make_questions(64, "train",
+                                                                                  0, 1)))
+    cfg = _config(out, args, train_data=str(data), template="raw", steps=3,
+                  prompts_per_step=4 if args.small else 16, answers_per_prompt=4,
+                  minibatches=2, max_new_tokens=s["new_tokens"], verify_workers=1,
+                  reward=f"{out / 'reward.py'}:reward", output_dir=str(out / "run"),
+                  gradient_checkpointing="auto")
+    start = time.perf_counter()
+    final = train(cfg, progress=False, overwrite=True)
+    rows = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    _emit(out, "trainer", seconds=time.perf_counter() - start, final=str(final),
+          final_files=sorted(p.name for p in final.iterdir()),
+          step_seconds=[r["time_step_s"] for r in rows])
+
+
+def stage_numerics(out: Path, args) -> None:
+    import torch
+
+    from nftune.policy import build_policy, make_optimizer, make_scheduler
+    from nftune.rollout import HFEngine
+    from nftune.sampling import Sampling
+    from nftune.update import recompute_logprobs, update_policy
+
+    result = {}
+    for precision in ("false", "true"):
+        cfg = _config(out, args, bf16=precision, micro_batch_tokens=4096)
+        model, tokenizer = build_policy(cfg, torch.device(args.device))
+        torch.manual_seed(0)
+        rollout = HFEngine(model, tokenizer, 16).generate(
+            ["1+1="] * 2, Sampling(n=8, max_new_tokens=16), record_logprobs=True)
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=precision == "true"):
+            again, _ = recompute_logprobs(model, rollout, 4096)
+        mask = rollout.response_mask.bool()
+        result[f"recorded_vs_recomputed_max_bf16_{precision}"] = float(
+            (again - rollout.old_logprobs)[mask].abs().max())
+    states = []
+    for _ in range(2):
+        cfg = _config(out, args, micro_batch_tokens=4096)
+        torch.manual_seed(0)
+        model, _ = build_policy(cfg, torch.device(args.device))
+        optimizer = make_optimizer(model, cfg)
+        batch = _batch(4, 64, model.config.vocab_size, args.device)
+        update_policy(model, optimizer, make_scheduler(optimizer, cfg), batch, cfg, 0)
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    result["same_update_twice_bitwise"] = all(torch.equal(states[0][k], states[1][k])
+                                              for k in states[0])
+    _emit(out, "numerics", **result)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--small", action="store_true", help="the demo's shape (CPU, CI)")
+    parser.add_argument("--out", default="gpu_check")
+    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--stage", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.stage:
+        globals()[f"stage_{args.stage}"](out, args)
+        return
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for stage in args.stages.split(","):
+        start = time.perf_counter()
+        command = [sys.executable, __file__, "--stage", stage, "--device", args.device,
+                   "--out", str(out)] + (["--small"] if args.small else [])
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True, env=env,
+                                  timeout=STAGES[stage])
+            rc, tail = proc.returncode, proc.stderr[-1500:] if proc.returncode else ""
+        except subprocess.TimeoutExpired:
+            rc, tail = "timeout", ""
+        _emit(out, "done", of=stage, rc=rc, seconds=time.perf_counter() - start, error=tail)
+        print(f"{stage}: rc {rc}, {time.perf_counter() - start:.1f} s", flush=True)
+        if tail:
+            print(tail, flush=True)
+    print(f"results: {out / 'results.jsonl'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""benchmarks/gpu_check.py, the GPU window's script, at the demo's shape on the CPU: every stage
+finishes in its own process and leaves its figures, so the script cannot rot between GPU runs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_runs_every_stage_on_cpu(tmp_path):
+    out = tmp_path / "check"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"),
+                           "--device", "cpu", "--small", "--out", str(out)],
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    done = {r["of"]: r for r in rows if r["stage"] == "done"}
+    assert set(done) == {"env", "build", "update", "generate", "trainer", "numerics"}
+    assert all(r["rc"] == 0 for r in done.values()), [r["error"] for r in done.values()]
+    env = next(r for r in rows if r["stage"] == "env")
+    assert env["device"] == "cpu" and set(env["importable"]) >= {"vllm", "trl", "flash_attn"}
+    updates = {r["config"]: r for r in rows if r["stage"] == "update"}
+    assert set(updates) == {"fp32_ckpt", "bf16_ckpt", "lora16_bf16_base"}
+    for r in updates.values():
+        assert r["tokens_per_s"] > 0 and r["peak_rss_gib"] > 0 and r["model_gib"] > 0
+    generated = [r for r in rows if r["stage"] == "generate"]
+    assert {(r["batch"], r["record_logprobs"]) for r in generated} == {
+        (8, False), (8, True), (32, False), (32, True)}
+    trainer = next(r for r in rows if r["stage"] == "trainer")
+    assert len(trainer["step_seconds"]) == 3 and "model.safetensors" in trainer["final_files"]
+    numerics = next(r for r in rows if r["stage"] == "numerics")
+    # float32 on the CPU: recording π_old while decoding equals the recompute to rounding
+    assert numerics["recorded_vs_recomputed_max_bf16_false"] < 1e-3
+    assert isinstance(numerics["same_update_twice_bitwise"], bool)
