@@ -15,11 +15,12 @@ Stages, in priority order:
                (tokens/s, peak allocated and reserved) for fp32 + checkpointing, bf16 autocast +
                checkpointing and LoRA r16 on a bf16 base, each against a plain forward +
                backward + AdamW floor on the same tokens and against the fit check's memory
-               model, with the largest micro-batch the model says fits
+               model
     generate   Hugging Face generation at 512 new tokens (small: 16), 64 and 256 answers a call,
                π_old's log-probs recorded or not
     trainer    a 3-step Trainer run at that shape, reward from a file, leaving final/
     numerics   recorded vs recomputed log-probs (fp32, bf16), the same update twice: bitwise?
+    largest    the largest micro-batch that fits, measured near the memory model's figure
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))  # nftune from this checkout, installed or not
 
-STAGES = {"env": 20, "build": 45, "update": 150, "generate": 80, "trainer": 75, "numerics": 40}
+STAGES = {"env": 15, "build": 40, "update": 135, "generate": 65, "trainer": 65, "numerics": 35,
+          "largest": 55}
 GIB = 2**30
 
 
@@ -285,6 +287,56 @@ def stage_numerics(out: Path, args) -> None:
     result["same_update_twice_bitwise"] = all(torch.equal(states[0][k], states[1][k])
                                               for k in states[0])
     _emit(out, "numerics", **result)
+
+
+def stage_largest(out: Path, args) -> None:
+    """The largest micro-batch measured, bf16 autocast + checkpointing (CUDA's defaults): a step
+    at the memory model's largest; on running out of memory 0.8× that, up to four tries; if the
+    first fits, one try at 1.25× (small: capped at 4,096 tokens)."""
+    import gc
+
+    import torch
+
+    from nftune.plan import plan_run, read_shape
+    from nftune.policy import build_policy, make_optimizer, make_scheduler
+    from nftune.update import update_policy
+
+    cfg = _config(out, args, bf16="true")
+    model, _ = build_policy(cfg, torch.device(args.device))
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    by_model = plan_run(cfg, read_shape(str(out / "model")), args.device,
+                        _device_bytes(args.device)).largest_micro_batch_tokens or 4096
+    tokens = min(by_model, 4096 if args.small else 2**20)
+    tries = []
+
+    def step(n: int) -> bool:
+        rows = 4
+        batch = _batch(rows, max(1, n // rows - 64), model.config.vocab_size, args.device)
+        cfg.micro_batch_tokens = rows * (n // rows)
+        try:
+            update_policy(model, optimizer, scheduler, batch, cfg, 0)
+            _sync(args.device)
+            ok = True
+        except torch.OutOfMemoryError:
+            ok = False
+        del batch
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        tries.append({"tokens": n, "fits": ok})
+        return ok
+
+    if step(tokens):
+        step(int(tokens * 1.25))
+    else:
+        for _ in range(3):
+            tokens = int(tokens * 0.8)
+            if step(tokens):
+                break
+    fitting = [t["tokens"] for t in tries if t["fits"]]
+    _emit(out, "largest", by_model=by_model, tries=tries,
+          largest_measured=max(fitting) if fitting else None)
 
 
 def main() -> None:

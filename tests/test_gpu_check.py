@@ -17,7 +17,8 @@ def test_gpu_check_runs_every_stage_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     done = {r["of"]: r for r in rows if r["stage"] == "done"}
-    assert set(done) == {"env", "build", "update", "generate", "trainer", "numerics"}
+    assert set(done) == {"env", "build", "update", "generate", "trainer", "numerics",
+                         "largest"}
     assert all(r["rc"] == 0 for r in done.values()), [r["error"] for r in done.values()]
     env = next(r for r in rows if r["stage"] == "env")
     assert env["device"] == "cpu" and set(env["importable"]) >= {"vllm", "trl", "flash_attn"}
@@ -34,3 +35,6 @@ def test_gpu_check_runs_every_stage_on_cpu(tmp_path):
     # float32 on the CPU: recording π_old while decoding equals the recompute to rounding
     assert numerics["recorded_vs_recomputed_max_bf16_false"] < 1e-3
     assert isinstance(numerics["same_update_twice_bitwise"], bool)
+    largest = next(r for r in rows if r["stage"] == "largest")
+    assert largest["tries"] and largest["tries"][0]["tokens"] <= 4096  # --small's cap
+    assert largest["largest_measured"] == max(t["tokens"] for t in largest["tries"] if t["fits"])
