@@ -168,8 +168,9 @@ def stage_update(out: Path, args) -> None:
         _sync(args.device)
         seconds = time.perf_counter() - start
         measured = _peaks(args.device)
-        # the floor: a plain forward + backward + AdamW on the same tokens
-        plain = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+        # the floor: a plain forward (the same model, checkpointing as configured) + backward
+        # + the same AdamW on the same tokens; full logits, no log-prob kernels, no objective
+        plain = optimizer
         times = []
         for _ in range(2):
             start = time.perf_counter()
@@ -189,7 +190,7 @@ def stage_update(out: Path, args) -> None:
               tokens_per_s=rows * (tokens // rows) / seconds, floor_seconds=times[-1],
               vs_floor=seconds / times[-1], model_gib=max(phases.values()) / GIB,
               largest_micro_batch_tokens_by_model=plan.largest_micro_batch_tokens, **measured)
-        del model, optimizer, scheduler, plain
+        del model, optimizer, scheduler, plain, batch
         gc.collect()
 
 
