@@ -317,8 +317,11 @@ def main() -> None:
                 with open(args.save, "a") as f:
                     f.write(lines[-1][7:] + "\n")
             compare(args.arch, {name: results[name]}, args.rows, args.tokens, args.device)
-        if "trl" in results:
-            compare(args.arch, results, args.rows, args.tokens, args.device)
+        trl = results.get("trl", {}).get("peak_gb")
+        if trl:
+            print("ratios to TRL's peak (float32, gradient checkpointing on in both):")
+            for name, r in results.items():
+                print(f"  {name:11s} {r['peak_gb'] / trl:.2f}×")
         vocab_bytes = args.rows * args.tokens * 151936 * 4 / 2**30
         print(f"one (answers × tokens × vocabulary) float32 tensor: {vocab_bytes:.2f} GiB")
 
