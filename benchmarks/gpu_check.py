@@ -120,21 +120,13 @@ def _config(out: Path, args, **overrides):
 
 
 def _batch(rows: int, tokens: int, vocab: int, device: str):
-    import torch
+    """benchmarks/memory.py's micro-batch (64-token prompts, half the answers right) on
+    ``device``."""
+    from memory import _batch as cpu_batch
+    from memory import _to
 
-    from nftune.rollout import Rollout
-
-    g = torch.Generator().manual_seed(0)
-    prompt = 64
-    ids = torch.randint(3, vocab, (rows, prompt + tokens), generator=g).to(device)
-    return Rollout(
-        input_ids=ids, attention_mask=torch.ones_like(ids), prompt_len=prompt,
-        response_mask=torch.ones(rows, tokens, dtype=torch.long, device=device),
-        truncated=torch.zeros(rows, dtype=torch.bool, device=device),
-        group_ids=torch.zeros(rows, dtype=torch.long, device=device), texts=[""] * rows,
-        old_logprobs=torch.full((rows, tokens), -12.0, device=device),
-        reward=torch.tensor([1.0, 0.0] * (rows // 2), device=device),
-        r_hat=torch.full((rows,), 0.5, device=device))
+    batch = cpu_batch(rows, tokens, vocab)
+    return batch if device == "cpu" else _to(batch, device)
 
 
 UPDATE_CONFIGS = {"fp32_ckpt": dict(bf16="false"), "bf16_ckpt": dict(bf16="true"),

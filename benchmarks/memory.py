@@ -224,10 +224,10 @@ def predict_gib(arch: str, name: str, rows: int, tokens: int, ckpt: bool, device
     generation) for configuration ``name`` at this micro-batch, with the process's overhead."""
     from rollout_engines import ARCHS
 
-    from nftune.plan import PROCESS_BYTES, _shape, estimate
+    from nftune.plan import PROCESS_BYTES, estimate, shape_from_config
 
     logits, _, lora, bf16_base, autocast = OPTIONS[name]
-    shape = _shape({**ARCHS[arch], "vocab_size": ARCHS[arch]["vocab_size"]})
+    shape = shape_from_config(ARCHS[arch])
     _, phases = estimate(shape, tokens=rows * (PROMPT + tokens), checkpointing=ckpt,
                          lora_rank=16 if lora else 0, bf16_base=bf16_base, autocast=autocast,
                          logits_tokens=rows * tokens if logits else None)

@@ -142,8 +142,7 @@ def save_model_weights(model, directory: Path, dtype: torch.dtype) -> None:
         shapes.append((name, dtype if tensor.is_floating_point() else tensor.dtype,
                        tuple(tensor.shape)))
     directory.mkdir(parents=True, exist_ok=True)
-    write_weights(directory, shapes, ((n, t) for n, t in merged_weights(model, dtype)
-                                      if n not in skip))
+    write_weights(directory, shapes, merged_weights(model, dtype, frozenset(skip)))
     config = copy.deepcopy(base.config)
     config.dtype = dtype  # the saved weights' dtype, which loaders read
     config.save_pretrained(directory)

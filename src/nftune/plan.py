@@ -17,8 +17,10 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from nftune.config import TrainConfig
+from nftune.policy import activation_bytes, uses_gradient_checkpointing
 
 GIB = 2**30
 # the share of the memory a plan may fill: the rest is left to the allocator's slack
@@ -66,13 +68,19 @@ class Shape:
         h, kv = self.hidden, self.kv_width
         return self.layers * (2 * h * h + 2 * h * kv + 3 * h * self.intermediate)
 
+    def config(self) -> SimpleNamespace:
+        """The shape under a Hugging Face config's names (what :mod:`nftune.policy` reads)."""
+        return SimpleNamespace(hidden_size=self.hidden, intermediate_size=self.intermediate,
+                               num_hidden_layers=self.layers, num_attention_heads=self.heads,
+                               num_key_value_heads=self.kv_heads)
+
     def lora_parameters(self, rank: int) -> int:
         """LoRA A (r × in) and B (out × r) on every linear layer of the decoder."""
         h, kv, i = self.hidden, self.kv_width, self.intermediate
         return self.layers * rank * (2 * (h + h) + 2 * (h + kv) + 3 * (h + i))
 
 
-def _shape(values: dict, context_key: str = "max_position_embeddings") -> Shape:
+def shape_from_config(values: dict, context_key: str = "max_position_embeddings") -> Shape:
     return Shape(values["hidden_size"], values["intermediate_size"], values["num_hidden_layers"],
                  values["num_attention_heads"],
                  values.get("num_key_value_heads") or values["num_attention_heads"],
@@ -123,7 +131,7 @@ def read_shape(model: str) -> Shape:
         if missing:
             raise ValueError(f"{path}: no integer {', '.join(missing)} (the fit check needs the "
                              "decoder's shape)")
-        return _shape(values)
+        return shape_from_config(values)
     known = KNOWN_SHAPES.get(model.lower())
     if known is None:
         raise ValueError(f"model: {model!r} is neither a local model directory nor a known hub "
@@ -209,11 +217,10 @@ def estimate(shape: Shape, *, tokens: int, checkpointing: bool, lora_rank: int =
     # autocast keeps a bf16 copy of each float32 weight a matmul uses, for backward
     casts = (linear + shape.vocab * shape.hidden) * 2 if autocast and not half_base else 0
     half = autocast or half_base
-    a, b, c = _terms()
-    layer = tokens * (a * shape.hidden + b * shape.intermediate + c * shape.kv_width) * \
-        (2 if half else 4)
-    activations = tokens * shape.hidden * 4 * shape.layers + layer if checkpointing \
-        else layer * shape.layers
+    every_layer = activation_bytes(shape.config(), tokens, 2 if half else 4)
+    # checkpointing keeps each layer's float32 input and recomputes one layer at a time
+    activations = tokens * shape.hidden * 4 * shape.layers + every_layer // shape.layers \
+        if checkpointing else every_layer
     vocab = logits_tokens * shape.vocab * 4 * 2 if logits_tokens else LOGPROB_CHUNK_BYTES
     kv = gen_answers * gen_tokens * 2 * shape.layers * shape.kv_width * (2 if half else 4)
     gen_logits = gen_answers * shape.vocab * 4 * 3  # a step's logits, log-softmax, probs
@@ -226,12 +233,6 @@ def estimate(shape: Shape, *, tokens: int, checkpointing: bool, lora_rank: int =
     if gen_answers:
         phases["generation"] = weights + moments + casts + kv + gen_logits
     return components, phases
-
-
-def _terms() -> tuple[int, int, int]:
-    from nftune.policy import ACTIVATION_TERMS
-
-    return ACTIVATION_TERMS
 
 
 def plan_run(cfg: TrainConfig, shape: Shape, device_type: str, device_bytes: int,
@@ -281,13 +282,8 @@ def plan_run(cfg: TrainConfig, shape: Shape, device_type: str, device_bytes: int
 def _checkpointing(cfg, shape: Shape, device_type: str, device_bytes: int) -> bool:
     import torch
 
-    from nftune.policy import uses_gradient_checkpointing
-
-    config = type("Config", (), dict(hidden_size=shape.hidden, num_hidden_layers=shape.layers,
-                                     intermediate_size=shape.intermediate,
-                                     num_attention_heads=shape.heads,
-                                     num_key_value_heads=shape.kv_heads))()
-    return uses_gradient_checkpointing(cfg, config, device_bytes, torch.device(device_type))
+    return uses_gradient_checkpointing(cfg, shape.config(), device_bytes,
+                                       torch.device(device_type))
 
 
 def _plan_vllm(plan: Plan, cfg, shape: Shape, device_type: str, device_bytes: int,
@@ -331,8 +327,8 @@ def _largest_tokens(at, process: int, available: int, start: int) -> int | None:
     low, high = 1, max(start, 1)
     while fits(high):
         low, high = high, high * 2
-        if high > 2**24:
-            return high
+        if high > 2**24:  # more than any micro-batch a run would take
+            return low
     while high - low > 1:
         mid = (low + high) // 2
         low, high = (mid, high) if fits(mid) else (low, mid)
@@ -413,7 +409,7 @@ def fit_table(models: list[str], cards_gb: list[int], settings: dict[str, dict],
     tables of README and docs/gpu.md)."""
     import dataclasses
 
-    head = "| model | setting | peak GiB (80 GB card) | " + \
+    head = f"| model | setting | peak GiB ({cards_gb[-1]} GB card) | " + \
         " | ".join(f"{c} GB" for c in cards_gb) + " |"
     lines = [head, "|---|---|---|" + "---|" * len(cards_gb)]
     for model in models:
@@ -421,8 +417,7 @@ def fit_table(models: list[str], cards_gb: list[int], settings: dict[str, dict],
         for label, change in settings.items():
             cfg = dataclasses.replace(base, model=model, **change)
             plans = [plan_run(cfg, shape, "cuda", c * 10**9) for c in cards_gb]
-            peak = plan_run(cfg, shape, "cuda", 80 * 10**9).peak
-            lines.append(f"| {model} | {label} | {peak / GIB:.1f} | " +
+            lines.append(f"| {model} | {label} | {plans[-1].peak / GIB:.1f} | " +
                          " | ".join("fits" if p.fits else "no" for p in plans) + " |")
     return "\n".join(lines)
 

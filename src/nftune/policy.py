@@ -162,19 +162,20 @@ def is_lora(model) -> bool:
     return hasattr(model, "peft_config")
 
 
-def merged_weights(model, dtype: torch.dtype | None = None
+def merged_weights(model, dtype: torch.dtype | None = None, exclude: frozenset[str] = frozenset()
                    ) -> Iterator[tuple[str, torch.Tensor]]:
     """The policy's weights under the plain model's names, one tensor at a time, in state-dict
     order: a LoRA-adapted weight is merged as it is reached (W + scale · B A, summed in float32
     and stored in W's dtype), so what is held beyond the model is one layer's delta and its
     merged copy; without LoRA, the model's own tensors. ``dtype`` casts floating tensors (one
     at a time too). Tensors that share storage (tied embeddings) come once per name, sharing
-    unless cast. The trained model itself is left as it is."""
+    unless cast; names in ``exclude`` (plain names) are skipped before any work. The trained
+    model itself is left as it is."""
     base = model.get_base_model() if is_lora(model) else model
     modules = dict(base.named_modules()) if is_lora(model) else {}
     with torch.no_grad():
         for name, tensor in base.state_dict().items():
-            if ".lora_" in name:
+            if ".lora_" in name or name.replace(".base_layer.", ".") in exclude:
                 continue
             owner, _, leaf = name.rpartition(".")
             layer = modules.get(owner.removesuffix(".base_layer")) \

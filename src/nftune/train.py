@@ -321,6 +321,7 @@ class Trainer:
             self._cleanup.callback(handler.close)
             self._cleanup.callback(log.removeHandler, handler)
         device = pick_device(cfg.device)
+        matmuls = set_matmul_precision(device)
         remove_stale(out)
         checkpoint, state = None, None
         if resume:
@@ -381,7 +382,7 @@ class Trainer:
                  cfg.gradient_checkpointing)
         log.info("precision: bf16 autocast %s (bf16: %s on %s); %s",
                  "on" if cfg.uses_bf16(device.type) else "off", cfg.bf16, device.type,
-                 set_matmul_precision(device))
+                 matmuls)
         files = tokenizer_bytes(self.tokenizer)
         self.checkpoint_size = checkpoint_bytes(self.model) + files
         self.final_size = final_bytes(self.model, final_dtype(cfg)) + files
