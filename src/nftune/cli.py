@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -97,7 +98,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     args.output_dir = cfg.output_dir  # for the interrupt message
     final = train(cfg, resume=args.resume, progress=not args.no_progress,
                   allow_changes=args.allow_changes, overwrite=args.overwrite)
-    print(f"done: final model in {final}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        print(f"done: final model in {final}")
     return 0
 
 

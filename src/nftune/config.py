@@ -50,7 +50,7 @@ def engine_class(name: str) -> type:
 # where and on what a run executes: free to differ on resume (a run directory can move)
 RESUME_FREE_KEYS = ("output_dir", "data_dir", "device", "verify_workers",
                     "vllm_gpu_memory_utilization", "vllm_sleep", "gradient_checkpointing",
-                    "fit_check")
+                    "fit_check", "distributed_timeout_s")
 # may change on resume with --allow-changes: bookkeeping and evaluation, never what is trained;
 # steps only with a constant learning rate (the cosine schedule depends on it)
 RESUME_SAFE_KEYS = ("steps", "save_every", "keep_checkpoints", "eval_every", "eval_data",
@@ -185,6 +185,15 @@ class TrainConfig:
                                       "objective's): name=value,name=value.")
     max_nan_steps: int = _option(3, "Stop after this many optimizer steps in a row with a "
                                     "non-finite loss or gradient.")
+    # --- several ranks (torchrun) ---
+    distributed_strategy: str = _option(
+        "ddp", "Under torchrun --nproc-per-node N: ddp (every rank holds the whole model; "
+               "gradients summed) | fsdp (FSDP2: parameters, gradients and AdamW's states "
+               "sharded across the ranks, for full fine-tunes that do not fit one device). "
+               "Ignored by one process (docs/scale.md).")
+    distributed_timeout_s: float = _option(600.0, "Under torchrun: the longest any rank waits "
+                                                  "for the others in a collective before the "
+                                                  "run fails (a rank that died ends the rest).")
     # --- verification ---
     reward: str = _option("math", "The reward: math (nftune's verifier), package.module:function "
                                   "or file.py:function, several as f*0.9,g*0.1 "
@@ -277,6 +286,8 @@ class TrainConfig:
             (0 < self.top_p <= 1, "top_p: must be in (0, 1]"),
             (self.top_k >= 0, "top_k: must be 0 (off) or more"),
             (self.verify_timeout_s > 0, "verify_timeout_s: must be positive"),
+            (self.distributed_strategy in ("ddp", "fsdp"), "distributed_strategy: ddp or fsdp"),
+            (self.distributed_timeout_s > 0, "distributed_timeout_s: must be positive"),
             (self.eval_k >= 1, "eval_k: must be at least 1"),
             (self.eval_k == 1 or not is_greedy(self.eval_temperature),
              f"eval_k: greedy evaluation (eval_temperature 0) gives one answer per question; "

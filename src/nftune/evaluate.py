@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from nftune.data import Question, format_prompt, load_questions, strategy_for
+from nftune.parallel import SINGLE, World
 from nftune.reward import Reward
 from nftune.rollout import GenerationEngine, HFEngine
 from nftune.sampling import Sampling, is_greedy
@@ -105,17 +106,24 @@ def load_eval_sets(cfg) -> dict[str, list[Question]]:
 
 
 def evaluate_sets(engine: GenerationEngine, tokenizer, eval_sets: dict[str, list[Question]],
-                  verifier: Verifier | Reward, cfg) -> dict[str, float]:
+                  verifier: Verifier | Reward, cfg, world: World = SINGLE) -> dict[str, float]:
     """The held-out metrics of a training config (``eval/<set>/avg@k``, and ``pass@k`` when
-    k > 1), as the trainer logs them."""
+    k > 1), as the trainer logs them. Under several ranks each answers its contiguous share of
+    every set and the per-question means are combined: the numbers of one process."""
     out = {}
+    sampling = cfg.eval_sampling()
     for name, questions in eval_sets.items():
-        result = evaluate_questions(None, tokenizer, questions, name=name,
-                                    sampling=cfg.eval_sampling(), template=cfg.template,
-                                    verifier=verifier, engine=engine)
-        out[f"eval/{name}/avg@{result.k}"] = result.avg_at_k
-        if result.k > 1:
-            out[f"eval/{name}/pass@{result.k}"] = result.pass_at_k
+        mine = [questions[i] for i in world.share(len(questions))]
+        result = evaluate_questions(None, tokenizer, mine, name=name, sampling=sampling,
+                                    template=cfg.template, verifier=verifier,
+                                    engine=engine) if mine else None
+        avg, passed = (result.avg_at_k, result.pass_at_k) if result else (0.0, 0.0)
+        if world.distributed:  # means over questions: weighted by each rank's share
+            count, avg, passed = world.sum(len(mine), avg * len(mine), passed * len(mine))
+            avg, passed = avg / count, passed / count
+        out[f"eval/{name}/avg@{sampling.n}"] = avg
+        if sampling.n > 1:
+            out[f"eval/{name}/pass@{sampling.n}"] = passed
     return out
 
 

@@ -50,6 +50,7 @@ from nftune.config import TrainConfig, engine_class
 from nftune.data import PromptSampler, Question, format_prompt, load_questions, strategy_for
 from nftune.evaluate import evaluate_sets, load_eval_sets
 from nftune.objectives import get_objective, overlong_penalty
+from nftune.parallel import SINGLE, World, close_world, init_world, rank_device
 from nftune.plan import check_fit
 from nftune.policy import (
     build_policy,
@@ -70,7 +71,7 @@ from nftune.rollout import (
     longest_prompt_tokens,
     pad_token_id,
 )
-from nftune.update import recompute_logprobs, update_policy
+from nftune.update import data_parallel, recompute_logprobs, update_policy
 from nftune.verify import Verifier
 
 log = logging.getLogger("nftune")
@@ -155,12 +156,17 @@ def with_old_logprobs(model, rollout: Rollout, cfg: TrainConfig) -> Rollout:
 
 def collect_rollout(model, tokenizer, questions: list[Question], sampler: PromptSampler,
                     reward: Reward | Verifier, cfg: TrainConfig,
-                    engine: GenerationEngine | None = None
+                    engine: GenerationEngine | None = None, world: World = SINGLE
                     ) -> tuple[Rollout | None, RolloutStats]:
     """Algorithm 1, steps 1–5: generate K answers for fresh questions (with ``engine``,
     default Hugging Face ``generate`` on ``model``) → score them (``reward``, or a math
     ``Verifier`` alone) → group statistics → keep the groups whose rewards differ, refilling
-    (dynamic sampling) → π_old's log-probs. Returns the batch (None if nothing was kept)."""
+    (dynamic sampling) → π_old's log-probs. Returns the batch (None if nothing was kept).
+
+    Under several ranks (``world``) every rank draws the same questions and answers its
+    contiguous share of them (a question's K answers on one rank); how many are kept, and so
+    the refills, are counted over all ranks, the batch is this rank's part with its questions
+    numbered globally (rank 0's first), and the statistics are the global batch's."""
     engine = engine or HFEngine(model, tokenizer, cfg.gen_batch_size)
     reward = reward if isinstance(reward, Reward) else Reward(reward)
     k = cfg.answers_per_prompt
@@ -171,49 +177,83 @@ def collect_rollout(model, tokenizer, questions: list[Question], sampler: Prompt
     rounds = cfg.max_gen_batches if cfg.dynamic_sampling else 1
     for round_ in range(rounds):
         count = refill_count(cfg.prompts_per_step, kept_questions, questions_seen, round_ == 0)
-        batch = [questions[i] for i in sampler.take(count)]
-        start = time.perf_counter()
-        rollout = engine.generate(
-            [format_prompt(q.problem, cfg.template, tokenizer) for q in batch],
-            cfg.rollout_sampling(), record_logprobs=cfg.old_logprobs == "generate")
-        time_gen += time.perf_counter() - start
-        start = time.perf_counter()
-        scores = score_answers(reward, rollout, batch, k, cfg)
-        time_ver += time.perf_counter() - start
-        errors, timeouts = errors + scores.errors, timeouts + scores.timeouts
-        scored = with_group_statistics(rollout, scores.values, k, cfg)
-        rewards.append(scored.reward.cpu())
-        lengths.append(scored.response_lengths.float().cpu())
-        truncated.append(scored.truncated.float().cpu())
-        questions_seen += len(batch)
-        rows = mixed_groups(scored, k) if cfg.dynamic_sampling else None
-        if rows is None or len(rows):
-            kept.append(scored if rows is None else scored.select(rows))
-            kept_questions += len(batch) if rows is None else len(rows) // k
+        drawn = sampler.take(count)  # the same on every rank
+        batch = [questions[drawn[i]] for i in world.share(len(drawn))]
+        kept_here = 0
+        if batch:
+            start = time.perf_counter()
+            rollout = engine.generate(
+                [format_prompt(q.problem, cfg.template, tokenizer) for q in batch],
+                cfg.rollout_sampling(), record_logprobs=cfg.old_logprobs == "generate")
+            time_gen += time.perf_counter() - start
+            start = time.perf_counter()
+            scores = score_answers(reward, rollout, batch, k, cfg)
+            time_ver += time.perf_counter() - start
+            errors, timeouts = errors + scores.errors, timeouts + scores.timeouts
+            scored = with_group_statistics(rollout, scores.values, k, cfg)
+            rewards.append(scored.reward.cpu())
+            lengths.append(scored.response_lengths.float().cpu())
+            truncated.append(scored.truncated.float().cpu())
+            rows = mixed_groups(scored, k) if cfg.dynamic_sampling else None
+            if rows is None or len(rows):
+                kept.append(scored if rows is None else scored.select(rows))
+                kept_here = len(batch) if rows is None else len(rows) // k
+        questions_seen += len(drawn)
+        kept_questions += int(world.sum(kept_here)[0])
         if kept_questions >= cfg.prompts_per_step:
             break
     engine.finish_rollout()  # the last round: vLLM may sleep through π_old and the update
-    rewards_t, lengths_t = torch.cat(rewards), torch.cat(lengths)
+    rewards_t, lengths_t, truncated_t = (torch.cat(v) if v else torch.zeros(0)
+                                         for v in (rewards, lengths, truncated))
+    answers, reward_sum, length_sum, truncated_sum, errors, timeouts = world.sum(
+        len(rewards_t), rewards_t.sum(), lengths_t.sum(), truncated_t.sum(), errors, timeouts)
+    time_gen, time_ver = world.max(time_gen, time_ver)
     stats = RolloutStats(
-        generated_answers=len(rewards_t), reward_mean=rewards_t.mean().item(),
+        generated_answers=int(answers), reward_mean=reward_sum / answers,
         kept_fraction=(kept_questions / questions_seen) if cfg.dynamic_sampling else 1.0,
-        response_length=lengths_t.mean().item(),
-        truncated_fraction=torch.cat(truncated).mean().item(), gen_batches=round_ + 1,
-        time_generate_s=time_gen, time_verify_s=time_ver, time_old_logprobs_s=0.0,
-        generated_tokens=int(lengths_t.sum().item()), reward_errors=errors,
-        reward_timeouts=timeouts)
-    if not kept:
-        return None, stats
-    batch_rollout = concat_rollouts(kept, pad_token_id(tokenizer))  # also renumbers groups 0..G-1
-    if kept_questions > cfg.prompts_per_step:  # the last round overfilled the batch
-        batch_rollout = batch_rollout.select(torch.nonzero(
-            batch_rollout.group_ids < cfg.prompts_per_step).flatten())
-    if cfg.old_logprobs == "recompute":
+        response_length=length_sum / answers, truncated_fraction=truncated_sum / answers,
+        gen_batches=round_ + 1, time_generate_s=time_gen, time_verify_s=time_ver,
+        time_old_logprobs_s=0.0, generated_tokens=int(length_sum), reward_errors=int(errors),
+        reward_timeouts=int(timeouts))
+    batch_rollout = concat_rollouts(kept, pad_token_id(tokenizer)) if kept else None
+    if world.distributed:  # number this rank's questions after those of the ranks before it
+        here = int(batch_rollout.group_ids.max().item()) + 1 if batch_rollout else 0
+        offset = sum(world.gather(here)[:world.rank])
+        if batch_rollout is not None:
+            batch_rollout.group_ids = batch_rollout.group_ids + offset
+    if batch_rollout is not None and kept_questions > cfg.prompts_per_step:
+        # the last round overfilled the batch: keep the first prompts_per_step questions
+        rows = torch.nonzero(batch_rollout.group_ids < cfg.prompts_per_step).flatten()
+        batch_rollout = batch_rollout.select(rows) if len(rows) else None
+    if batch_rollout is not None and cfg.old_logprobs == "recompute":
         start = time.perf_counter()
         batch_rollout = with_old_logprobs(model, batch_rollout, cfg)
         stats.time_old_logprobs_s = time.perf_counter() - start
-    stats.engine_logprob_diff_mean, stats.engine_logprob_diff_max = engine_mismatch(batch_rollout)
+    stats.time_old_logprobs_s = world.max(stats.time_old_logprobs_s)[0]
+    mean, biggest = engine_mismatch(batch_rollout) if batch_rollout is not None else (None, None)
+    if world.distributed:  # weighted by each rank's response tokens
+        tokens = batch_rollout.response_mask.sum().item() if mean is not None else 0
+        total, tokens = world.sum((mean or 0.0) * tokens, tokens)
+        biggest_all = world.max(-1.0 if biggest is None else biggest)[0]
+        mean, biggest = (total / tokens, biggest_all) if tokens else (None, None)
+    stats.engine_logprob_diff_mean, stats.engine_logprob_diff_max = mean, biggest
     return batch_rollout, stats
+
+
+def batch_means(batch: Rollout | None, world: World = SINGLE) -> tuple[float, float]:
+    """The trained batch's mean reward and its mean entropy per response token, over every
+    rank's part (NaN where there is none)."""
+    reward = entropy = tokens = 0.0
+    if batch is not None:
+        reward, tokens = batch.reward.sum().item(), batch.response_mask.sum().item()
+        if batch.entropy is not None:
+            entropy = (batch.entropy * batch.response_mask).sum().item()
+    has_entropy = batch is None or batch.entropy is not None
+    answers, reward, entropy, tokens, missing = world.sum(
+        len(batch) if batch is not None else 0, reward, entropy, tokens, not has_entropy)
+    nan = float("nan")
+    return (reward / answers if answers else nan,
+            entropy / tokens if answers and tokens and not missing else nan)
 
 
 def engine_mismatch(rollout: Rollout) -> tuple[float | None, float | None]:
@@ -230,21 +270,26 @@ def engine_mismatch(rollout: Rollout) -> tuple[float | None, float | None]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _setup_logging(output_dir: Path) -> list[logging.Handler]:
-    """Everything to train.log; warnings also to the console."""
-    file_handler = logging.FileHandler(output_dir / "train.log")
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+def _setup_logging(output_dir: Path, world: World = SINGLE) -> list[logging.Handler]:
+    """Everything to train.log (rank 0's); warnings also to the console, with the rank under
+    several."""
     console = logging.StreamHandler()
     console.setLevel(logging.WARNING)
-    console.setFormatter(logging.Formatter("nftune: warning: %(message)s"))
-    for handler in (file_handler, console):
+    who = f"nftune[rank {world.rank}]" if world.distributed else "nftune"
+    console.setFormatter(logging.Formatter(f"{who}: warning: %(message)s"))
+    handlers: list[logging.Handler] = [console]
+    if world.is_main:
+        file_handler = logging.FileHandler(output_dir / "train.log")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handlers.insert(0, file_handler)
+    for handler in handlers:
         log.addHandler(handler)
     log.setLevel(logging.INFO)
-    return [file_handler, console]
+    return handlers
 
 
 def _restore(state: dict[str, Any], checkpoint: Path, optimizer, scheduler,
-             sampler: PromptSampler) -> tuple[int, int]:
+             sampler: PromptSampler, world: World = SINGLE) -> tuple[int, int]:
     """Load a checkpoint's trainer state into the run; returns (step, NaN streak). Any value of
     the wrong kind is a :class:`CheckpointError` naming the checkpoint."""
     try:
@@ -254,11 +299,17 @@ def _restore(state: dict[str, Any], checkpoint: Path, optimizer, scheduler,
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict({k: int(v) for k, v in state["sampler"].items()})
-        rng = state["rng"]["torch"]
-        if not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8):
+        rng = state["rng"]
+        ranks = rng.get("ranks") or [rng]
+        if len(ranks) != world.size:
+            log.warning("--resume: %s was written by %d rank(s), this run has %d; each rank "
+                        "takes rank 0's random state (sampling is reseeded every step anyway)",
+                        checkpoint, len(ranks), world.size)
+        rng = ranks[world.rank] if len(ranks) == world.size else ranks[0]
+        if not (isinstance(rng["torch"], torch.Tensor) and rng["torch"].dtype == torch.uint8):
             raise TypeError("rng.torch must be a uint8 tensor")
-        torch.set_rng_state(rng)  # sampling is also reseeded every step
-        random.setstate(state["rng"]["python"])
+        torch.set_rng_state(rng["torch"])  # sampling is also reseeded every step
+        random.setstate(rng["python"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
         raise CheckpointError(f"{checkpoint}: trainer state does not fit this run "
                               f"({type(err).__name__}: {err})") from None
@@ -305,27 +356,34 @@ class Trainer:
         cfg.resolve()
         self.cfg = cfg
         self.out = out = Path(cfg.output_dir)
-        claim_output_dir(out, resume, overwrite)
-        out.mkdir(parents=True, exist_ok=True)
+        # under torchrun: this process's rank; rank 0 owns the run directory
+        self.world = world = init_world(cfg.device, cfg.distributed_timeout_s)
         # everything opened below is closed in reverse order however the run ends
         self._cleanup = contextlib.ExitStack()
+        self._cleanup.callback(close_world, world)
         try:
+            if world.is_main:
+                claim_output_dir(out, resume, overwrite)
+                out.mkdir(parents=True, exist_ok=True)
+            world.barrier()
             self._setup(resume, allow_changes)
         except BaseException:
             self.close()
             raise
 
     def _setup(self, resume: bool, allow_changes: bool) -> None:
-        cfg, out = self.cfg, self.out
-        for handler in _setup_logging(out):
+        cfg, out, world = self.cfg, self.out, self.world
+        for handler in _setup_logging(out, world):
             self._cleanup.callback(handler.close)
             self._cleanup.callback(log.removeHandler, handler)
-        device = pick_device(cfg.device)
+        self.device = device = rank_device(world, pick_device(cfg.device))
         matmuls = set_matmul_precision(device)
-        remove_stale(out)
         checkpoint, state = None, None
+        if world.is_main:
+            remove_stale(out)
+            checkpoint = latest_checkpoint(out) if resume else None
+        checkpoint = world.gather(checkpoint)[0]  # rank 0's choice, for every rank
         if resume:
-            checkpoint = latest_checkpoint(out)
             if checkpoint is None:
                 log.warning("--resume: no checkpoint in %s; starting from the beginning", out)
             else:
@@ -362,21 +420,27 @@ class Trainer:
         self.engine = engine_class(cfg.rollout_engine).from_config(
             self.model, self.tokenizer, cfg, prompt_tokens=self.prompt_tokens)
         self.sampler = PromptSampler(len(self.questions), cfg.seed)
+        self.forward = data_parallel(self.model, world)  # the update's, DDP under torchrun
         self.optimizer = make_optimizer(self.model, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg)
         self.step_done, self.nan_streak = 0, 0
         if checkpoint is not None:
             self.step_done, self.nan_streak = _restore(state, checkpoint, self.optimizer,
-                                                       self.scheduler, self.sampler)
-            truncate_metrics(out / "metrics.jsonl", self.step_done)
+                                                       self.scheduler, self.sampler, world)
+            if world.is_main:
+                truncate_metrics(out / "metrics.jsonl", self.step_done)
             log.info("resumed from %s", checkpoint)
-        cfg.save(out / "config.yaml")
-        self.metrics_log = MetricsLog(out / "metrics.jsonl", cfg.report_to, cfg.to_dict(),
-                                      run_name=cfg.run_name or out.resolve().name,
-                                      resumed_at=self.step_done if checkpoint else None)
-        self._cleanup.callback(self.metrics_log.close)
-        log.info("training %s with %s on %d questions (%s), device %s", cfg.model, cfg.algo,
-                 len(self.questions), self.questions.origin, device)
+        self.metrics_log = None
+        if world.is_main:
+            cfg.save(out / "config.yaml")
+            self.metrics_log = MetricsLog(out / "metrics.jsonl", cfg.report_to, cfg.to_dict(),
+                                          run_name=cfg.run_name or out.resolve().name,
+                                          resumed_at=self.step_done if checkpoint else None)
+            self._cleanup.callback(self.metrics_log.close)
+        log.info("training %s with %s on %d questions (%s), device %s%s", cfg.model, cfg.algo,
+                 len(self.questions), self.questions.origin, device,
+                 f"; {world.size} ranks ({cfg.distributed_strategy})" if world.distributed
+                 else "")
         log.info("gradient checkpointing %s (gradient_checkpointing: %s)",
                  "on" if self.model.is_gradient_checkpointing else "off",
                  cfg.gradient_checkpointing)
@@ -402,27 +466,29 @@ class Trainer:
         cfg = self.cfg
         step = self.step_done + 1
         step_started = time.perf_counter()
-        torch.manual_seed(cfg.seed * 1_000_003 + step)  # sampling depends on (seed, step)
+        world = self.world
+        # sampling depends on (seed, step) and, under several ranks, the rank
+        torch.manual_seed((cfg.seed * 1_000_003 + step) * world.size + world.rank)
         # 1–5: questions, K answers each, rewards, r̂, keep 0 < r̂ < 1 (refilling), π_old
         batch, stats = collect_rollout(self.model, self.tokenizer, self.questions.questions,
-                                       self.sampler, self.reward, cfg, self.engine)
+                                       self.sampler, self.reward, cfg, self.engine, world)
         row: dict[str, Any] = {"step": step, **{k: v for k, v in vars(stats).items()
                                                  if v is not None}}
         for name in ("errors", "timeouts"):
             row[f"reward/{name}"] = row.pop(f"reward_{name}")
         start = time.perf_counter()
-        if batch is None:
+        kept = int(world.sum(len(batch) if batch is not None else 0)[0])
+        if not kept:
             log.warning("step %d: no question with 0 < r̂ < 1 in %d generated answers; "
                         "nothing kept, no update", step, stats.generated_answers)
             upd: dict[str, Any] = {"optimizer_steps": 0}
         else:  # 6: one optimizer step per mini-batch (the later ones off-policy)
             upd, self.nan_streak = update_policy(self.model, self.optimizer, self.scheduler,
-                                                 batch, cfg, self.nan_streak)
+                                                 batch, cfg, self.nan_streak, world,
+                                                 self.forward)
             self.engine.update_weights(self.model)  # 7: π_old ← π_θ
-        time_update = time.perf_counter() - start
-        trained = batch.reward.mean().item() if batch is not None else float("nan")
-        entropy = (batch.entropy * batch.response_mask).sum() / batch.response_mask.sum() \
-            if batch is not None and batch.entropy is not None else float("nan")
+        time_update = world.max(time.perf_counter() - start)[0]
+        trained, entropy = batch_means(batch, world)
         row.update(upd)
         row.update(reward_mean_trained=trained, entropy=float(entropy),
                    lr=self.scheduler.get_last_lr()[0], time_update_s=time_update,
@@ -431,32 +497,41 @@ class Trainer:
                        + stats.time_verify_s + time_update))
         if self.eval_sets and (step % cfg.eval_every == 0 or step == cfg.steps):
             row.update(evaluate_sets(self.engine, self.tokenizer, self.eval_sets,
-                                     self.reward, cfg))
-        row["time_step_s"] = time.perf_counter() - step_started
-        self.metrics_log.write(row)
+                                     self.reward, cfg, world))
+        row["time_step_s"] = world.max(time.perf_counter() - step_started)[0]
+        if self.metrics_log is not None:
+            self.metrics_log.write(row)
         self.step_done = step
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            directory = self.out / "checkpoints" / f"step-{step}"
-            ensure_space(directory, self.checkpoint_size, f"checkpoint step-{step}")
-            save_checkpoint(directory, self.model, self.tokenizer, self._state())
-            prune_checkpoints(self.out, cfg.keep_checkpoints)
+            state = self._state()  # every rank's random state, gathered
+            if world.is_main:
+                directory = self.out / "checkpoints" / f"step-{step}"
+                ensure_space(directory, self.checkpoint_size, f"checkpoint step-{step}")
+                save_checkpoint(directory, self.model, self.tokenizer, state)
+                prune_checkpoints(self.out, cfg.keep_checkpoints)
+            world.barrier()
         return row
 
     def save_final(self) -> Path:
         """The trained model as ``final/``: a Hugging Face model directory in the base model's
         dtype with a model card, no trainer state (:mod:`nftune.artifact`); returns it."""
         directory = self.out / "final"
-        ensure_space(directory, self.final_size, "final/")
-        rows = [json.loads(line) for line in
-                (self.out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        save_final_model(directory, self.model, self.tokenizer, self.cfg, rows)
+        if self.world.is_main:
+            ensure_space(directory, self.final_size, "final/")
+            rows = [json.loads(line) for line in
+                    (self.out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            save_final_model(directory, self.model, self.tokenizer, self.cfg, rows)
+        self.world.barrier()
         return directory
 
     def _state(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        ranks = self.world.gather(rng)
+        if self.world.distributed:  # rank r resumes with ranks[r]
+            rng = {"torch": rng["torch"].clone(), "python": rng["python"], "ranks": ranks}
         return {"step": self.step_done, "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
-                "nan_streak": self.nan_streak, "config": self.cfg.to_dict(),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+                "nan_streak": self.nan_streak, "config": self.cfg.to_dict(), "rng": rng}
 
     def close(self) -> None:
         self._cleanup.close()
@@ -475,6 +550,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     from tqdm.auto import tqdm
 
     with Trainer(cfg, resume, allow_changes, overwrite) as trainer:
+        progress = progress and trainer.world.is_main
         if progress:
             print(f"nftune: {trainer.disk_plan}", file=sys.stderr)
         with tqdm(total=cfg.steps, initial=trainer.step_done, desc=cfg.algo,

@@ -9,6 +9,7 @@ gradient does not depend on the packing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import TYPE_CHECKING
@@ -17,6 +18,7 @@ import torch
 
 from nftune.config import TrainConfig
 from nftune.objectives import ObjectiveInput, get_objective, objective_loss
+from nftune.parallel import SINGLE, World
 from nftune.policy import precision
 
 if TYPE_CHECKING:
@@ -216,6 +218,41 @@ def response_logprobs(model, input_ids: Tensor, attention_mask: Tensor, prompt_l
     return token_logprobs(logits, targets, with_entropy, temperature)
 
 
+class ResponseLogprobs(torch.nn.Module):
+    """:func:`response_logprobs` of ``policy`` as a module's forward: what data parallelism
+    wraps (DDP and FSDP act through a module's forward), the policy itself unchanged inside."""
+
+    def __init__(self, policy) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, prompt_len: int,
+                temperature: float = 1.0) -> Tensor:
+        return response_logprobs(self.policy, input_ids, attention_mask, prompt_len,
+                                 temperature=temperature)[0]
+
+
+def data_parallel(model, world: World) -> torch.nn.Module:
+    """The update's forward (:class:`ResponseLogprobs`) for ``world``: as it is for one
+    process; under several ranks wrapped in PyTorch's DistributedDataParallel, whose
+    construction copies rank 0's weights to every rank and whose backward averages gradients
+    (the losses are scaled by the number of ranks, so the result is their sum)."""
+    forward = ResponseLogprobs(model)
+    if not world.distributed:
+        return forward
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(model.parameters()).device
+    return DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
+
+
+def _dummy_input(device: torch.device) -> tuple[Tensor, Tensor, int]:
+    """One two-token row: the forward a rank with nothing left in a mini-batch runs so that
+    it joins the others' gradient reduction (its loss is multiplied by 0)."""
+    ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+    return ids, torch.ones_like(ids), 1
+
+
 @torch.no_grad()
 def recompute_logprobs(model, rollout: Rollout, micro_batch_tokens: int,
                        temperature: float = 1.0) -> tuple[Tensor, Tensor]:
@@ -286,68 +323,123 @@ def truncated_is_weights(batch: Rollout, cap: float) -> Tensor | None:
     return torch.exp(log_ratio).clamp(max=cap)
 
 
-def update_policy(model, optimizer, scheduler, batch: Rollout, cfg: TrainConfig,
-                  nan_streak: int) -> tuple[dict[str, float], int]:
+def _accumulating(forward: torch.nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """Micro-batches before a mini-batch's last keep their gradients on this rank (DDP's
+    ``no_sync``); the last one's backward reduces them across ranks."""
+    if last or not hasattr(forward, "no_sync"):
+        return contextlib.nullcontext()
+    return forward.no_sync()
+
+
+# the per-micro-batch metrics summed over a step (the clip's only where the objective clips)
+SUMMED = ("loss", "loss_pos", "loss_neg")
+SHARE_WEIGHTED = ("ratio_mean", "clip_fraction", "approx_kl")
+
+
+def update_policy(model, optimizer, scheduler, batch: Rollout | None, cfg: TrainConfig,
+                  nan_streak: int, world: World = SINGLE,
+                  forward: torch.nn.Module | None = None) -> tuple[dict[str, float], int]:
     """Split the rollout's questions into ``cfg.minibatches`` mini-batches and take one
     optimizer step on each; micro-batches accumulate into it with the mini-batch's token count
     (and, for objectives that use them, its group and SFT-token counts) as the normalisers.
-    Returns (metrics averaged over the steps taken, NaN streak)."""
+    Returns (metrics averaged over the steps taken, NaN streak).
+
+    Under several ranks (``world``, ``forward`` from :func:`data_parallel`) ``batch`` is this
+    rank's share of the global batch, its ``group_ids`` numbered globally (None: it has no
+    answers); the mini-batches are those one process would form from the whole batch, the
+    normalisers and every metric are counted over all ranks, each rank runs as many
+    micro-batches as the busiest one (a dummy forward with loss 0 where it has none left) and
+    the gradients are summed by DDP, so every rank takes the step one process would."""
+    forward = forward or ResponseLogprobs(model)
     model.train()
     objective = get_objective(cfg.algo)
     hparams = cfg.objective_hparams()
-    groups = torch.unique(batch.group_ids)
+    local_groups = int(batch.group_ids.max().item()) + 1 if batch is not None and len(batch) \
+        else 0
+    groups = torch.arange(int(world.max(local_groups)[0]))
     parts = torch.tensor_split(groups, cfg.minibatches)
     keep_groups = objective.whole_groups or cfg.overlong_shaping
-    device = batch.input_ids.device
+    device = next(model.parameters()).device
     sums: dict[str, float] = {}
     ratio_max, taken, skipped = 1.0, 0, 0
     for part in parts:
-        rows = torch.nonzero(torch.isin(batch.group_ids, part.to(batch.group_ids.device)))
-        mb = batch.select(rows.flatten())
-        if len(mb) == 0 or not bool(objective.signal(mb.reward, mb.r_hat).any()):
+        mb = None
+        if batch is not None and len(batch):
+            rows = torch.nonzero(torch.isin(batch.group_ids, part.to(batch.group_ids.device)))
+            mb = batch.select(rows.flatten()) if len(rows) else None
+        signal = mb is not None and bool(objective.signal(mb.reward, mb.r_hat).any())
+        if not world.max(signal)[0]:
             skipped += 1
             continue
-        # the mini-batch's normalisers, given to every micro-batch
-        num_tokens = mb.response_mask.sum().clamp(min=1)
-        num_groups = max(1, len(torch.unique(mb.group_ids[mb.reward > 0])))
-        num_sft_tokens = (mb.response_mask * mb.reward[:, None]).sum().clamp(min=1)
+        # the mini-batch's normalisers, given to every micro-batch (over every rank)
+        if mb is None:
+            num_tokens, num_groups, num_sft_tokens = (torch.zeros((), device=device), 0,
+                                                      torch.zeros((), device=device))
+        else:
+            num_tokens = mb.response_mask.sum()
+            num_groups = len(torch.unique(mb.group_ids[mb.reward > 0]))
+            num_sft_tokens = (mb.response_mask * mb.reward[:, None]).sum()
+        if world.distributed:
+            total = world.sum(num_tokens.item(), num_groups, num_sft_tokens.item())
+            num_tokens = torch.tensor(total[0], device=device)
+            num_groups = int(total[1])
+            num_sft_tokens = torch.tensor(total[2], dtype=torch.float32, device=device)
+        num_tokens = num_tokens.clamp(min=1)
+        num_groups = max(1, num_groups)
+        num_sft_tokens = num_sft_tokens.clamp(min=1)
         optimizer.zero_grad(set_to_none=True)
-        step_metrics: dict[str, float] = {}
+        step_metrics: dict[str, float] = dict.fromkeys(SUMMED, 0.0)
+        clipped: dict[str, float] = {}
         finite = True
         # |∂loss/∂log π(a_t)| summed over wrong answers' tokens and over all tokens: how much
         # of the step's weight the wrong answers carry (0 for RFT, which drops them)
         weight_wrong = weight_all = torch.zeros((), device=device)
-        for micro in micro_batches(mb, cfg.micro_batch_tokens, keep_groups=keep_groups):
-            piece = mb.select(micro).trimmed()
-            with precision(cfg, device):
-                logprobs, _ = response_logprobs(model, piece.input_ids, piece.attention_mask,
-                                                piece.prompt_len, temperature=cfg.temperature)
-            x = ObjectiveInput(
-                logprobs=logprobs, old_logprobs=piece.old_logprobs, mask=piece.response_mask,
-                reward=piece.reward, r_hat=piece.r_hat, group_ids=piece.group_ids,
-                num_tokens=num_tokens, num_groups=num_groups, num_sft_tokens=num_sft_tokens,
-                overlong_penalty=piece.penalty if cfg.overlong_shaping else None,
-                token_weights=truncated_is_weights(piece, cfg.tis_cap), reward_std=piece.r_std)
-            loss, m = objective_loss(cfg.algo, x, **hparams)
-            if not torch.isfinite(loss):
-                finite = False
-                break
-            token_grad: list[Tensor] = []
-            if logprobs.requires_grad:
-                logprobs.register_hook(lambda g, kept=token_grad: kept.append(g.detach()))
-            loss.backward()
+        micros: list[list[int] | None] = [] if mb is None else \
+            micro_batches(mb, cfg.micro_batch_tokens, keep_groups=keep_groups)
+        count = int(world.max(len(micros))[0])
+        micros += [None] * (count - len(micros))
+        for index, micro in enumerate(micros):
+            with _accumulating(forward, last=index == count - 1):
+                if micro is None:  # nothing left here: join the gradient reduction
+                    with precision(cfg, device):
+                        logprobs = forward(*_dummy_input(device), temperature=cfg.temperature)
+                    (logprobs.sum() * 0.0).backward()
+                    continue
+                piece = mb.select(micro).trimmed()
+                with precision(cfg, device):
+                    logprobs = forward(piece.input_ids, piece.attention_mask, piece.prompt_len,
+                                       temperature=cfg.temperature)
+                x = ObjectiveInput(
+                    logprobs=logprobs, old_logprobs=piece.old_logprobs,
+                    mask=piece.response_mask, reward=piece.reward, r_hat=piece.r_hat,
+                    group_ids=piece.group_ids, num_tokens=num_tokens, num_groups=num_groups,
+                    num_sft_tokens=num_sft_tokens,
+                    overlong_penalty=piece.penalty if cfg.overlong_shaping else None,
+                    token_weights=truncated_is_weights(piece, cfg.tis_cap),
+                    reward_std=piece.r_std)
+                loss, m = objective_loss(cfg.algo, x, **hparams)
+                if not torch.isfinite(loss):
+                    finite = False
+                    if not world.distributed:
+                        break
+                    # the other ranks wait for this backward; its NaN reaches every gradient
+                token_grad: list[Tensor] = []
+                if logprobs.requires_grad:
+                    logprobs.register_hook(lambda g, kept=token_grad: kept.append(g.detach()))
+                (loss * world.size).backward()  # DDP averages over the ranks: their sum
             if token_grad:
                 weight = token_grad[0].abs() * piece.response_mask
                 weight_all = weight_all + weight.sum()
                 weight_wrong = weight_wrong + weight[piece.reward == 0].sum()
             share = piece.response_mask.sum().item() / num_tokens.item()
-            for key in ("loss", "loss_pos", "loss_neg"):
-                step_metrics[key] = step_metrics.get(key, 0.0) + m[key]
-            for key in ("ratio_mean", "clip_fraction", "approx_kl"):
+            for key in SUMMED:
+                step_metrics[key] += m[key]
+            for key in SHARE_WEIGHTED:
                 if key in m:  # an objective that clips nothing logs no clip_fraction
-                    step_metrics[key] = step_metrics.get(key, 0.0) + m[key] * share
+                    clipped[key] = clipped.get(key, 0.0) + m[key] * share
             ratio_max = max(ratio_max, m["ratio_max"])
         clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        finite = not world.max(not finite)[0]
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip) if finite else \
             torch.tensor(math.nan)
         if not finite or not torch.isfinite(grad_norm):
@@ -364,6 +456,17 @@ def update_policy(model, optimizer, scheduler, batch: Rollout, cfg: TrainConfig,
         optimizer.step()
         scheduler.step()
         taken += 1
+        if world.distributed:  # the step's metrics over every rank's micro-batches
+            present = world.max(*(key in clipped for key in SHARE_WEIGHTED))
+            totals = world.sum(*(step_metrics[key] for key in SUMMED),
+                               *(clipped.get(key, 0.0) for key in SHARE_WEIGHTED),
+                               weight_wrong.item(), weight_all.item())
+            step_metrics = dict(zip(SUMMED, totals[:3], strict=True))
+            clipped = {key: value for key, value, there in
+                       zip(SHARE_WEIGHTED, totals[3:6], present, strict=True) if there}
+            weight_wrong, weight_all = (torch.tensor(v) for v in totals[6:])
+            ratio_max = world.max(ratio_max)[0]
+        step_metrics.update(clipped)
         step_metrics["grad_norm"] = grad_norm.item()
         total = weight_all.item()
         step_metrics["grad_share_wrong"] = weight_wrong.item() / total if total > 0 else 0.0

@@ -1,0 +1,80 @@
+"""Worker for tests/test_distributed.py: one fixed global batch, updated by one process or by
+each rank of ``torchrun --nproc-per-node N`` (gloo) on its share of the questions.
+
+    python tests/distributed_update.py MODEL TRAIN_JSONL OUT_DIR ALGO MINIBATCHES STEPS
+
+Every rank builds the same global batch (same model, seed and questions; a verifier on one
+process), keeps its contiguous share of the questions (global question numbers), and takes
+STEPS rollout updates with ``update_policy``; each rank writes OUT_DIR/rank-R.json: the
+metrics of every update and a checksum of the weights after it. One process writes
+OUT_DIR/single.json.
+"""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from nftune.config import build_config
+from nftune.data import PromptSampler, load_questions, strategy_for
+from nftune.evaluate import evaluate_sets
+from nftune.parallel import close_world, init_world
+from nftune.policy import build_policy, make_optimizer, make_scheduler
+from nftune.rollout import HFEngine
+from nftune.train import collect_rollout
+from nftune.update import data_parallel, update_policy
+from nftune.verify import Verifier
+
+
+def weights_digest(model) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def main() -> None:
+    model_dir, train_file, out, algo, minibatches, steps = sys.argv[1:]
+    torch.set_num_threads(1)
+    cfg = build_config(None, dict(
+        model=model_dir, train_data=train_file,
+        template="raw", algo=algo, prompts_per_step=6, answers_per_prompt=4,
+        max_new_tokens=24, lr=1e-3, warmup_steps=0, minibatches=int(minibatches),
+        micro_batch_tokens=64, device="cpu", output_dir=out)).resolve()
+    world = init_world("cpu", 120)
+    device = torch.device("cpu")
+    model, tokenizer = build_policy(cfg, device)
+    questions = load_questions(train_file).questions
+    optimizer, forward = make_optimizer(model, cfg), data_parallel(model, world)
+    scheduler = make_scheduler(optimizer, cfg)
+    sampler = PromptSampler(len(questions), cfg.seed)
+    rows = []
+    with Verifier(1, 5.0, strategy=strategy_for(cfg.template)) as verifier:
+        for step in range(int(steps)):
+            # the same global batch on every rank: one process's rollout, seeded by the step
+            torch.manual_seed(1000 + step)
+            batch, _ = collect_rollout(model, tokenizer, questions, sampler, verifier, cfg)
+            assert batch is not None, "the tiny base kept no question"
+            groups = int(batch.group_ids.max()) + 1
+            share = world.share(groups)
+            mine = torch.nonzero((batch.group_ids >= share.start)
+                                 & (batch.group_ids < share.stop)).flatten()
+            local = batch.select(mine) if len(mine) else None
+            metrics, _ = update_policy(model, optimizer, scheduler, local, cfg, 0, world,
+                                       forward)
+            rows.append({"metrics": metrics, "weights": weights_digest(model),
+                         "groups": groups, "local_answers": len(mine)})
+        # held-out metrics: each rank answers its share of 21 questions (greedy)
+        evaluation = evaluate_sets(HFEngine(model, tokenizer, 8), tokenizer,
+                                   {"held": questions[:21]}, verifier, cfg, world)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    name = f"rank-{world.rank}.json" if world.distributed else "single.json"
+    Path(out, name).write_text(json.dumps({"rows": rows, "eval": evaluation}))
+    close_world(world)
+
+
+if __name__ == "__main__":
+    main()
