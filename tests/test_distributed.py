@@ -38,11 +38,12 @@ def relative(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
-@pytest.mark.parametrize(("algo", "minibatches", "steps"), [("nft", 2, 3), ("dapo", 1, 2)])
+@pytest.mark.parametrize(("algo", "minibatches", "steps", "strategy"), [
+    ("nft", 2, 3, "ddp"), ("dapo", 1, 2, "ddp"), ("nft", 2, 1, "fsdp"), ("dapo", 1, 1, "fsdp")])
 def test_two_ranks_update_as_one_process_on_the_same_global_batch(
-        tiny_base, arithmetic_files, tmp_path, algo, minibatches, steps):
+        tiny_base, arithmetic_files, tmp_path, algo, minibatches, steps, strategy):
     worker = [HERE / "distributed_update.py", tiny_base, arithmetic_files["train"], tmp_path,
-              algo, minibatches, steps]
+              algo, minibatches, steps, strategy]
     single = run([sys.executable, *map(str, worker)])
     assert single.returncode == 0, single.stderr[-3000:]
     double = run(torchrun(*worker))
@@ -56,8 +57,11 @@ def test_two_ranks_update_as_one_process_on_the_same_global_batch(
         assert sum(r["local_answers"] for r in rows) == expected["local_answers"]
         assert all(0 < r["local_answers"] < expected["local_answers"] for r in rows) or \
             expected["groups"] == 1
-        # the replicas hold the same weights after every step
-        assert rows[0]["weights"] == rows[1]["weights"]
+        if strategy == "ddp":  # the replicas hold the same weights after every step
+            assert rows[0]["weights"] == rows[1]["weights"]
+        else:  # the shards, gathered on rank 0, are one process's weights
+            assert rows[1]["weights"] is None
+            assert relative(rows[0]["weight_sum"], expected["weight_sum"]) < 1e-6
         for r in rows:
             assert r["metrics"]["optimizer_steps"] == expected["metrics"]["optimizer_steps"]
             for key in ("loss", "loss_pos", "loss_neg", "grad_norm", "grad_share_wrong"):
@@ -80,10 +84,12 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_rank_run_killed_and_resumed_continues_exactly(tiny_base, arithmetic_files,
-                                                           tmp_path):
+                                                           tmp_path, strategy):
     args = ["-m", "nftune", "train", "--model", tiny_base, "--train-data",
-            arithmetic_files["train"], *RUN]
+            arithmetic_files["train"], *RUN, "--distributed-strategy", strategy,
+            "--eval-data", arithmetic_files["test"], "--eval-limit", "7", "--eval-every", "2"]
     straight = tmp_path / "straight"
     done = run(torchrun(*args, "--output-dir", straight))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -110,6 +116,7 @@ def test_two_rank_run_killed_and_resumed_continues_exactly(tiny_base, arithmetic
 
     a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(killed / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3, 4]  # every step's metrics once
+    assert "eval/test/avg@1" in b[1] and "eval/test/avg@1" in b[3]
     assert any(r["optimizer_steps"] for r in a[2:]), "nothing trained after the checkpoint"
     for x, y in zip(a, b, strict=True):
         assert {k: v for k, v in x.items() if k not in TIMING_KEYS} == \

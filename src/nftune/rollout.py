@@ -13,6 +13,7 @@ both registered in ``ENGINES``; each hands its tokens to :func:`assemble_rollout
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -218,7 +219,8 @@ def assemble_rollout(tokenizer, prompt_rows: list[list[int]], response: Tensor,
 @torch.no_grad()
 def generate_rollout(model, tokenizer, prompts: list[str], k: int, *, max_new_tokens: int,
                      temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                     batch_size: int = 64, record_logprobs: bool = False) -> Rollout:
+                     batch_size: int = 64, record_logprobs: bool = False,
+                     synced_gpus: bool = False) -> Rollout:
     """Sample ``k`` answers for each prompt with Hugging Face ``generate``.
 
     Args:
@@ -232,6 +234,8 @@ def generate_rollout(model, tokenizer, prompts: list[str], k: int, *, max_new_to
             any temperature: log-probs of π at ``temperature`` (logits / temperature) over the
             full vocabulary (top-k / top-p only restrict which tokens are drawn; as in verl and
             TRL).
+        synced_gpus: every rank steps together until all are done (FSDP: each step's
+            forward gathers weights from every rank).
 
     Sampling uses the given temperature, top-p and top-k only: a repetition penalty or n-gram
     ban in the model's ``generation_config`` is switched off, since it would sample from a
@@ -260,7 +264,7 @@ def generate_rollout(model, tokenizer, prompts: list[str], k: int, *, max_new_to
             max_new_tokens=answer_budget(p, max_new_tokens, context),
             eos_token_id=stop_ids, pad_token_id=pad_id, return_dict_in_generate=True,
             logits_processor=LogitsProcessorList([recorder]) if recorder else None,
-            **sampling).sequences
+            synced_gpus=synced_gpus, **sampling).sequences
         chunks.append(sequences[:, p:])
         if recorder is not None:
             chunk_logprobs.append(torch.stack(recorder.finish(sequences[:, p:])))
@@ -359,6 +363,8 @@ class HFEngine:
     """Hugging Face ``generate`` on the trained model itself (nothing to copy after an update)."""
 
     records_logprobs = True
+    # True once sharded (FSDP): every rank must call generate, as often as the others
+    collective = False
 
     def __init__(self, model, tokenizer, batch_size: int = 64,
                  precision: Callable[[], contextlib.AbstractContextManager] | None = None
@@ -386,17 +392,37 @@ class HFEngine:
                                        dtype=getattr(torch, dtype))
         return cls(model, tokenizer, batch_size)
 
+    def shard_with(self, root, world) -> None:
+        """The model is sharded by FSDP under ``root`` (:func:`nftune.update.data_parallel`):
+        generate on every rank together, ``root``'s own weights gathered for the call."""
+        self.root, self.world, self.collective = root, world, True
+
     def generate(self, prompts: list[str], sampling: Sampling, *,
-                 record_logprobs: bool = False) -> Rollout:
+                 record_logprobs: bool = False) -> Rollout | None:
+        """As :meth:`GenerationEngine.generate`; sharded, ``prompts`` may be empty (this rank
+        joins the others' calls and gets None)."""
         was_training = self.model.training
         self.model.eval()
+        options = dict(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                       top_p=sampling.top_p, top_k=sampling.top_k, batch_size=self.batch_size)
         try:
             with self.precision():
-                return generate_rollout(self.model, self.tokenizer, prompts, sampling.n,
-                                        max_new_tokens=sampling.max_new_tokens,
-                                        temperature=sampling.temperature, top_p=sampling.top_p,
-                                        top_k=sampling.top_k, batch_size=self.batch_size,
-                                        record_logprobs=record_logprobs)
+                if not self.collective:
+                    return generate_rollout(self.model, self.tokenizer, prompts, sampling.n,
+                                            record_logprobs=record_logprobs, **options)
+                self.root.unshard()
+                try:
+                    calls = math.ceil(len(prompts) * sampling.n / self.batch_size)
+                    most = int(self.world.max(calls)[0])  # before any call: they pair up
+                    rollout = generate_rollout(
+                        self.model, self.tokenizer, prompts, sampling.n, synced_gpus=True,
+                        record_logprobs=record_logprobs, **options) if prompts else None
+                    for _ in range(most - calls):  # join the others' last calls
+                        generate_rollout(self.model, self.tokenizer, [self.tokenizer.eos_token],
+                                         1, synced_gpus=True, **options)
+                    return rollout
+                finally:
+                    self.root.reshard()
         finally:
             self.model.train(was_training)
 

@@ -71,7 +71,15 @@ from nftune.rollout import (
     longest_prompt_tokens,
     pad_token_id,
 )
-from nftune.update import data_parallel, recompute_logprobs, update_policy
+from nftune.update import (
+    data_parallel,
+    full_policy,
+    is_sharded,
+    load_optimizer_state,
+    optimizer_state,
+    recompute_logprobs,
+    update_policy,
+)
 from nftune.verify import Verifier
 
 log = logging.getLogger("nftune")
@@ -144,20 +152,24 @@ def mixed_groups(rollout: Rollout, k: int) -> torch.Tensor:
     return torch.nonzero((groups.amax(1) > groups.amin(1)).repeat_interleave(k)).flatten()
 
 
-def with_old_logprobs(model, rollout: Rollout, cfg: TrainConfig) -> Rollout:
+def with_old_logprobs(model, rollout: Rollout | None, cfg: TrainConfig, world: World = SINGLE,
+                      forward=None) -> Rollout | None:
     """A new Rollout with π_old's log-probs and entropy from a no-grad forward in the update's
-    precision (``old_logprobs: recompute``)."""
+    precision (``old_logprobs: recompute``); under FSDP (``forward`` sharded) a rank without
+    answers (None) joins the others' forwards."""
     model.eval()
-    with precision(cfg, rollout.input_ids.device):
-        old, entropy = recompute_logprobs(model, rollout, cfg.micro_batch_tokens,
-                                          cfg.temperature)
-    return replace(rollout, old_logprobs=old, entropy=entropy)
+    with precision(cfg, next(model.parameters()).device):
+        out = recompute_logprobs(model, rollout, cfg.micro_batch_tokens, cfg.temperature,
+                                 world, forward if is_sharded(forward) else None)
+    if out is None:
+        return None
+    return replace(rollout, old_logprobs=out[0], entropy=out[1])
 
 
 def collect_rollout(model, tokenizer, questions: list[Question], sampler: PromptSampler,
                     reward: Reward | Verifier, cfg: TrainConfig,
-                    engine: GenerationEngine | None = None, world: World = SINGLE
-                    ) -> tuple[Rollout | None, RolloutStats]:
+                    engine: GenerationEngine | None = None, world: World = SINGLE,
+                    forward=None) -> tuple[Rollout | None, RolloutStats]:
     """Algorithm 1, steps 1–5: generate K answers for fresh questions (with ``engine``,
     default Hugging Face ``generate`` on ``model``) → score them (``reward``, or a math
     ``Verifier`` alone) → group statistics → keep the groups whose rewards differ, refilling
@@ -166,7 +178,9 @@ def collect_rollout(model, tokenizer, questions: list[Question], sampler: Prompt
     Under several ranks (``world``) every rank draws the same questions and answers its
     contiguous share of them (a question's K answers on one rank); how many are kept, and so
     the refills, are counted over all ranks, the batch is this rank's part with its questions
-    numbered globally (rank 0's first), and the statistics are the global batch's."""
+    numbered globally (rank 0's first), and the statistics are the global batch's. Under
+    FSDP (``forward`` sharded, its engine collective) a rank with no questions in a round still
+    joins the others' generation and π_old forwards."""
     engine = engine or HFEngine(model, tokenizer, cfg.gen_batch_size)
     reward = reward if isinstance(reward, Reward) else Reward(reward)
     k = cfg.answers_per_prompt
@@ -180,6 +194,8 @@ def collect_rollout(model, tokenizer, questions: list[Question], sampler: Prompt
         drawn = sampler.take(count)  # the same on every rank
         batch = [questions[drawn[i]] for i in world.share(len(drawn))]
         kept_here = 0
+        if not batch and getattr(engine, "collective", False):
+            engine.generate([], cfg.rollout_sampling())  # the others' forwards need this rank
         if batch:
             start = time.perf_counter()
             rollout = engine.generate(
@@ -225,9 +241,9 @@ def collect_rollout(model, tokenizer, questions: list[Question], sampler: Prompt
         # the last round overfilled the batch: keep the first prompts_per_step questions
         rows = torch.nonzero(batch_rollout.group_ids < cfg.prompts_per_step).flatten()
         batch_rollout = batch_rollout.select(rows) if len(rows) else None
-    if batch_rollout is not None and cfg.old_logprobs == "recompute":
+    if cfg.old_logprobs == "recompute" and (batch_rollout is not None or is_sharded(forward)):
         start = time.perf_counter()
-        batch_rollout = with_old_logprobs(model, batch_rollout, cfg)
+        batch_rollout = with_old_logprobs(model, batch_rollout, cfg, world, forward)
         stats.time_old_logprobs_s = time.perf_counter() - start
     stats.time_old_logprobs_s = world.max(stats.time_old_logprobs_s)[0]
     mean, biggest = engine_mismatch(batch_rollout) if batch_rollout is not None else (None, None)
@@ -289,14 +305,17 @@ def _setup_logging(output_dir: Path, world: World = SINGLE) -> list[logging.Hand
 
 
 def _restore(state: dict[str, Any], checkpoint: Path, optimizer, scheduler,
-             sampler: PromptSampler, world: World = SINGLE) -> tuple[int, int]:
+             sampler: PromptSampler, world: World = SINGLE, forward=None) -> tuple[int, int]:
     """Load a checkpoint's trainer state into the run; returns (step, NaN streak). Any value of
     the wrong kind is a :class:`CheckpointError` naming the checkpoint."""
     try:
         step, nan_streak = state["step"], state["nan_streak"]
         if not (isinstance(step, int) and isinstance(nan_streak, int) and step >= 0):
             raise TypeError("step and nan_streak must be non-negative integers")
-        optimizer.load_state_dict(state["optimizer"])
+        if forward is None:
+            optimizer.load_state_dict(state["optimizer"])
+        else:
+            load_optimizer_state(forward, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict({k: int(v) for k, v in state["sampler"].items()})
         rng = state["rng"]
@@ -417,16 +436,24 @@ class Trainer:
                 raise
             raise CheckpointError(f"{checkpoint}: cannot load the model "
                                   f"({type(err).__name__}: {err})") from None
+        sharded = world.distributed and cfg.distributed_strategy == "fsdp"
+        if sharded and (cfg.lora_rank or cfg.rollout_engine != "hf"):
+            raise ValueError("distributed_strategy: fsdp shards full fine-tunes with the hf "
+                             "engine; LoRA and vLLM run with ddp (docs/scale.md)")
+        # the update's forward: DDP, or FSDP2 sharding the model in place, under torchrun
+        self.forward = data_parallel(self.model, world, cfg.distributed_strategy)
         self.engine = engine_class(cfg.rollout_engine).from_config(
             self.model, self.tokenizer, cfg, prompt_tokens=self.prompt_tokens)
+        if sharded:
+            self.engine.shard_with(self.forward, world)
         self.sampler = PromptSampler(len(self.questions), cfg.seed)
-        self.forward = data_parallel(self.model, world)  # the update's, DDP under torchrun
         self.optimizer = make_optimizer(self.model, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg)
         self.step_done, self.nan_streak = 0, 0
         if checkpoint is not None:
             self.step_done, self.nan_streak = _restore(state, checkpoint, self.optimizer,
-                                                       self.scheduler, self.sampler, world)
+                                                       self.scheduler, self.sampler, world,
+                                                       self.forward)
             if world.is_main:
                 truncate_metrics(out / "metrics.jsonl", self.step_done)
             log.info("resumed from %s", checkpoint)
@@ -471,7 +498,8 @@ class Trainer:
         torch.manual_seed((cfg.seed * 1_000_003 + step) * world.size + world.rank)
         # 1–5: questions, K answers each, rewards, r̂, keep 0 < r̂ < 1 (refilling), π_old
         batch, stats = collect_rollout(self.model, self.tokenizer, self.questions.questions,
-                                       self.sampler, self.reward, cfg, self.engine, world)
+                                       self.sampler, self.reward, cfg, self.engine, world,
+                                       self.forward)
         row: dict[str, Any] = {"step": step, **{k: v for k, v in vars(stats).items()
                                                  if v is not None}}
         for name in ("errors", "timeouts"):
@@ -504,10 +532,11 @@ class Trainer:
         self.step_done = step
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
             state = self._state()  # every rank's random state, gathered
+            policy = full_policy(self.forward, self.model, world)  # FSDP: gathered on rank 0
             if world.is_main:
                 directory = self.out / "checkpoints" / f"step-{step}"
                 ensure_space(directory, self.checkpoint_size, f"checkpoint step-{step}")
-                save_checkpoint(directory, self.model, self.tokenizer, state)
+                save_checkpoint(directory, policy, self.tokenizer, state)
                 prune_checkpoints(self.out, cfg.keep_checkpoints)
             world.barrier()
         return row
@@ -516,11 +545,12 @@ class Trainer:
         """The trained model as ``final/``: a Hugging Face model directory in the base model's
         dtype with a model card, no trainer state (:mod:`nftune.artifact`); returns it."""
         directory = self.out / "final"
+        policy = full_policy(self.forward, self.model, self.world)  # FSDP: gathered on rank 0
         if self.world.is_main:
             ensure_space(directory, self.final_size, "final/")
             rows = [json.loads(line) for line in
                     (self.out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-            save_final_model(directory, self.model, self.tokenizer, self.cfg, rows)
+            save_final_model(directory, policy, self.tokenizer, self.cfg, rows)
         self.world.barrier()
         return directory
 
@@ -529,7 +559,8 @@ class Trainer:
         ranks = self.world.gather(rng)
         if self.world.distributed:  # rank r resumes with ranks[r]
             rng = {"torch": rng["torch"].clone(), "python": rng["python"], "ranks": ranks}
-        return {"step": self.step_done, "optimizer": self.optimizer.state_dict(),
+        return {"step": self.step_done,
+                "optimizer": optimizer_state(self.forward, self.optimizer),
                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
                 "nan_streak": self.nan_streak, "config": self.cfg.to_dict(), "rng": rng}
 

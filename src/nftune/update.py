@@ -227,23 +227,96 @@ class ResponseLogprobs(torch.nn.Module):
         self.policy = policy
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, prompt_len: int,
-                temperature: float = 1.0) -> Tensor:
+                temperature: float = 1.0, with_entropy: bool = False
+                ) -> tuple[Tensor, Tensor | None]:
         return response_logprobs(self.policy, input_ids, attention_mask, prompt_len,
-                                 temperature=temperature)[0]
+                                 with_entropy=with_entropy, temperature=temperature)
 
 
-def data_parallel(model, world: World) -> torch.nn.Module:
+def data_parallel(model, world: World, strategy: str = "ddp") -> torch.nn.Module:
     """The update's forward (:class:`ResponseLogprobs`) for ``world``: as it is for one
-    process; under several ranks wrapped in PyTorch's DistributedDataParallel, whose
-    construction copies rank 0's weights to every rank and whose backward averages gradients
-    (the losses are scaled by the number of ranks, so the result is their sum)."""
+    process. Under several ranks, ``ddp``: PyTorch's DistributedDataParallel, whose
+    construction copies rank 0's weights to every rank; ``fsdp``: FSDP2's ``fully_shard`` on
+    each decoder layer and on the forward itself (embeddings, final norm and head), so each
+    rank holds 1/N of the weights, gradients and AdamW's states, and every forward of the
+    policy (generation, π_old, the update) becomes a collective. Both average gradients over
+    the ranks; the losses are scaled by the number of ranks, so the result is their sum."""
     forward = ResponseLogprobs(model)
     if not world.distributed:
         return forward
+    device = next(model.parameters()).device
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        layers = getattr(model.get_decoder(), "layers", None)
+        if layers is None:
+            raise ValueError("distributed_strategy: fsdp needs a decoder with .layers "
+                             f"({type(model).__name__} has none); use ddp")
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(forward)
+        with torch.no_grad():  # the first FSDP forward makes its module the root: this one
+            forward(*_dummy_input(device))
+        # the root keeps its weights gathered after a forward: shard them again, so that the
+        # module holds (and the optimizer is given) the sharded parameters
+        forward.reshard()
+        return forward
     from torch.nn.parallel import DistributedDataParallel
 
-    device = next(model.parameters()).device
     return DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
+
+
+def full_policy(forward: torch.nn.Module, model, world: World):
+    """The policy with whole weights, for saving: ``model`` itself unless sharded; under FSDP
+    every rank sends its shards (a collective) and rank 0 gets a plain copy on the CPU (the
+    other ranks None), as Hugging Face's FSDP saving gathers a full state dict."""
+    if not is_sharded(forward):
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    full = get_model_state_dict(forward, options=StateDictOptions(full_state_dict=True,
+                                                                  cpu_offload=True))
+    if not world.is_main:
+        return None
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    plain.load_state_dict({k.removeprefix("policy."): v for k, v in full.items()},
+                          strict=False, assign=True)
+    plain.tie_weights()
+    plain.generation_config = model.generation_config
+    if any(t.is_meta for t in plain.state_dict().values()):
+        raise RuntimeError("fsdp: the gathered state dict left weights unset")
+    return plain
+
+
+def optimizer_state(forward: torch.nn.Module, optimizer) -> dict:
+    """AdamW's state for a checkpoint: its own state dict, or under FSDP the full one (keyed
+    by parameter name, gathered on rank 0; a collective)."""
+    if not is_sharded(forward):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(forward, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(forward: torch.nn.Module, optimizer, state: dict) -> None:
+    """:func:`optimizer_state` back into ``optimizer`` (each rank keeps its shards)."""
+    if not is_sharded(forward):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(forward, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def is_sharded(forward: torch.nn.Module | None) -> bool:
+    """True if ``forward`` is FSDP's: every forward of the policy is then a collective."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(forward, FSDPModule)
 
 
 def _dummy_input(device: torch.device) -> tuple[Tensor, Tensor, int]:
@@ -254,17 +327,42 @@ def _dummy_input(device: torch.device) -> tuple[Tensor, Tensor, int]:
 
 
 @torch.no_grad()
-def recompute_logprobs(model, rollout: Rollout, micro_batch_tokens: int,
-                       temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+def recompute_logprobs(model, rollout: Rollout | None, micro_batch_tokens: int,
+                       temperature: float = 1.0, world: World = SINGLE,
+                       forward: torch.nn.Module | None = None
+                       ) -> tuple[Tensor, Tensor] | None:
     """log π(a_t) and the entropy at every response position, by a no-grad forward, π at the
-    sampling ``temperature``."""
+    sampling ``temperature``. Under FSDP (``forward`` sharded) every rank runs as many
+    forwards as the busiest (``rollout`` None: this rank has no answers; returns None)."""
+    forward = forward or ResponseLogprobs(model)
+    micros: list[list[int] | None] = [] if rollout is None else \
+        micro_batches(rollout, micro_batch_tokens)
+    if is_sharded(forward):
+        micros += [None] * (int(world.max(len(micros))[0]) - len(micros))
+    device = next(model.parameters()).device
+    try:
+        return _recompute(forward, rollout, micros, device, temperature)
+    finally:
+        if is_sharded(forward):
+            forward.reshard()  # the root keeps its weights gathered after a forward
+
+
+def _recompute(forward, rollout: Rollout | None, micros: list[list[int] | None],
+               device: torch.device, temperature: float) -> tuple[Tensor, Tensor] | None:
+    if rollout is None:
+        for _ in micros:
+            forward(*_dummy_input(device))
+        return None
     logprobs = torch.zeros(rollout.response_mask.shape, dtype=torch.float32,
                            device=rollout.input_ids.device)
     entropy = torch.zeros_like(logprobs)
-    for rows in micro_batches(rollout, micro_batch_tokens):
+    for rows in micros:
+        if rows is None:
+            forward(*_dummy_input(device))
+            continue
         part = rollout.select(rows).trimmed()
-        lp, ent = response_logprobs(model, part.input_ids, part.attention_mask, part.prompt_len,
-                                    with_entropy=True, temperature=temperature)
+        lp, ent = forward(part.input_ids, part.attention_mask, part.prompt_len,
+                          with_entropy=True, temperature=temperature)
         width = lp.shape[1]
         logprobs[rows, :width] = lp * part.response_mask
         entropy[rows, :width] = ent * part.response_mask
@@ -402,13 +500,14 @@ def update_policy(model, optimizer, scheduler, batch: Rollout | None, cfg: Train
             with _accumulating(forward, last=index == count - 1):
                 if micro is None:  # nothing left here: join the gradient reduction
                     with precision(cfg, device):
-                        logprobs = forward(*_dummy_input(device), temperature=cfg.temperature)
+                        logprobs, _ = forward(*_dummy_input(device),
+                                              temperature=cfg.temperature)
                     (logprobs.sum() * 0.0).backward()
                     continue
                 piece = mb.select(micro).trimmed()
                 with precision(cfg, device):
-                    logprobs = forward(piece.input_ids, piece.attention_mask, piece.prompt_len,
-                                       temperature=cfg.temperature)
+                    logprobs, _ = forward(piece.input_ids, piece.attention_mask,
+                                          piece.prompt_len, temperature=cfg.temperature)
                 x = ObjectiveInput(
                     logprobs=logprobs, old_logprobs=piece.old_logprobs,
                     mask=piece.response_mask, reward=piece.reward, r_hat=piece.r_hat,
@@ -442,6 +541,8 @@ def update_policy(model, optimizer, scheduler, batch: Rollout | None, cfg: Train
         finite = not world.max(not finite)[0]
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip) if finite else \
             torch.tensor(math.nan)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: the norm over every rank's shard
+            grad_norm = grad_norm.full_tensor()
         if not finite or not torch.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
             nan_streak += 1
