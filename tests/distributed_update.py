@@ -4,7 +4,7 @@ each rank of ``torchrun --nproc-per-node N`` (gloo) on its share of the question
     python tests/distributed_update.py MODEL TRAIN_JSONL OUT_DIR ALGO MINIBATCHES STEPS STRATEGY
 
 Every rank builds the same global batch (same model, seed and questions; a verifier on one
-process), keeps its contiguous share of the questions (global question numbers), and takes
+process), keeps its questions as the trainer deals them (global number mod N), and takes
 STEPS rollout updates with ``update_policy``, under STRATEGY (ddp, or fsdp for one step: the
 batch is sampled by one process before the model is sharded); each rank writes
 OUT_DIR/rank-R.json: the metrics of every update and checksums of the weights after it (under
@@ -67,9 +67,8 @@ def main() -> None:
             else:
                 assert strategy == "ddp", "fsdp: one step only"
             groups = int(batch.group_ids.max()) + 1
-            share = world.share(groups)
-            mine = torch.nonzero((batch.group_ids >= share.start)
-                                 & (batch.group_ids < share.stop)).flatten()
+            # the trainer's layout: questions dealt to the ranks in turn
+            mine = torch.nonzero(batch.group_ids % world.size == world.rank).flatten()
             local = batch.select(mine) if len(mine) else None
             metrics, _ = update_policy(model, optimizer, scheduler, local, cfg, 0, world,
                                        forward)

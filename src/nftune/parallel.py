@@ -76,6 +76,22 @@ class World:
 SINGLE = World()
 
 
+def interleaved_ids(counts: list[int], rank: int) -> list[int]:
+    """Global numbers for ``rank``'s questions when rank r holds ``counts[r]``: dealt round
+    robin (rank 0's first, rank 1's first, ..., rank 0's second, ...), so that any run of
+    consecutive numbers — a mini-batch — holds about as many questions of every rank, and
+    each rank's share of an update is about 1/N of it."""
+    ids: list[int] = []
+    position = 0
+    for turn in range(max(counts, default=0)):
+        for r, count in enumerate(counts):
+            if turn < count:
+                if r == rank:
+                    ids.append(position)
+                position += 1
+    return ids
+
+
 def collective_device() -> torch.device:
     """Where small collectives' tensors live: NCCL needs them on this rank's GPU."""
     if dist.is_initialized() and dist.get_backend() == "nccl":

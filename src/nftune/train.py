@@ -50,7 +50,14 @@ from nftune.config import TrainConfig, engine_class
 from nftune.data import PromptSampler, Question, format_prompt, load_questions, strategy_for
 from nftune.evaluate import evaluate_sets, load_eval_sets
 from nftune.objectives import get_objective, overlong_penalty
-from nftune.parallel import SINGLE, World, close_world, init_world, rank_device
+from nftune.parallel import (
+    SINGLE,
+    World,
+    close_world,
+    init_world,
+    interleaved_ids,
+    rank_device,
+)
 from nftune.plan import check_fit
 from nftune.policy import (
     build_policy,
@@ -178,7 +185,8 @@ def collect_rollout(model, tokenizer, questions: list[Question], sampler: Prompt
     Under several ranks (``world``) every rank draws the same questions and answers its
     contiguous share of them (a question's K answers on one rank); how many are kept, and so
     the refills, are counted over all ranks, the batch is this rank's part with its questions
-    numbered globally (rank 0's first), and the statistics are the global batch's. Under
+    numbered globally (:func:`nftune.parallel.interleaved_ids`: every mini-batch then spans
+    the ranks), and the statistics are the global batch's. Under
     FSDP (``forward`` sharded, its engine collective) a rank with no questions in a round still
     joins the others' generation and π_old forwards."""
     engine = engine or HFEngine(model, tokenizer, cfg.gen_batch_size)
@@ -232,11 +240,12 @@ def collect_rollout(model, tokenizer, questions: list[Question], sampler: Prompt
         time_old_logprobs_s=0.0, generated_tokens=int(length_sum), reward_errors=int(errors),
         reward_timeouts=int(timeouts))
     batch_rollout = concat_rollouts(kept, pad_token_id(tokenizer)) if kept else None
-    if world.distributed:  # number this rank's questions after those of the ranks before it
+    if world.distributed:  # number the questions globally, the ranks' dealt in turn
         here = int(batch_rollout.group_ids.max().item()) + 1 if batch_rollout else 0
-        offset = sum(world.gather(here)[:world.rank])
+        ids = interleaved_ids(world.gather(here), world.rank)
         if batch_rollout is not None:
-            batch_rollout.group_ids = batch_rollout.group_ids + offset
+            batch_rollout.group_ids = torch.tensor(ids, device=batch_rollout.group_ids.device
+                                                   )[batch_rollout.group_ids]
     if batch_rollout is not None and kept_questions > cfg.prompts_per_step:
         # the last round overfilled the batch: keep the first prompts_per_step questions
         rows = torch.nonzero(batch_rollout.group_ids < cfg.prompts_per_step).flatten()
