@@ -3,6 +3,7 @@ parameter counts of published models, each component's bytes, the largest micro-
 verdicts, and a run refused before its model loads."""
 
 import json
+from dataclasses import replace
 
 import pytest
 from helpers import run_cli, tiny_run_config
@@ -123,3 +124,33 @@ def test_plan_command_and_train_refuses_before_loading(tiny_base, arithmetic_fil
     assert not (tmp_path / "refused" / "metrics.jsonl").exists()
     forced = run_cli(*common, "--output-dir", tmp_path / "forced", "--fit-check", "false")
     assert forced.returncode == 0, forced.stderr
+
+
+def test_fsdp_over_8_ranks_shards_a_7b_full_fine_tune_by_hand():
+    from nftune.config import TrainConfig
+    from nftune.plan import KNOWN_SHAPES, estimate, plan_run
+
+    shape = KNOWN_SHAPES["qwen/qwen2.5-7b"]
+    total = 7_615_616_512  # the published count
+    root = 152_064 * 3_584 * 2 + 3_584  # embeddings and an untied head, final norm
+    layer = (total - root) // 28
+    components, _ = estimate(shape, tokens=16_384, checkpointing=True, autocast=True, shards=8)
+    assert components["weights"] == total * 4 // 8 + (root + 2 * layer) * 4
+    assert components["gradients"] == total * 4 // 8 + (root + layer) * 4
+    assert components["AdamW moments"] == total * 8 // 8
+    assert components["autocast weight copies"] == (root + 2 * layer) * 2
+    cfg = TrainConfig(model="Qwen/Qwen2.5-Math-7B", max_new_tokens=2048)
+    card = 80 * 10**9
+    one = plan_run(cfg, shape, "cuda", card)
+    ddp = plan_run(cfg, shape, "cuda", card, ranks=8)
+    fsdp = plan_run(replace(cfg, distributed_strategy="fsdp"), shape, "cuda", card, ranks=8)
+    assert not one.fits and ddp.peak == one.peak  # DDP holds the whole model on each rank
+    assert fsdp.fits and fsdp.peak < one.peak / 3
+    assert any(a.startswith("--distributed-strategy fsdp") for a in ddp.advice)
+
+
+def test_plan_cli_takes_the_number_of_ranks():
+    done = run_cli("plan", "--model", "Qwen/Qwen2.5-Math-7B", "--gpu-memory", "80GB",
+                   "--ranks", "8", "--distributed-strategy", "fsdp", "--max-new-tokens", "2048")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "8 ranks, fsdp" in done.stdout and "verdict: fits" in done.stdout

@@ -113,7 +113,7 @@ def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
         overrides["model"] = args.model
     cfg = build_config(args.config, overrides)
     memory = parse_memory(args.gpu_memory) if args.gpu_memory else None
-    plan = plan_for_config(cfg, memory)
+    plan = plan_for_config(cfg, memory, ranks=args.ranks)
     print(plan.report())
     return 0 if plan.fits else 1
 
@@ -329,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", default=None, metavar="SIZE",
                    help="plan for a CUDA card of this memory (e.g. 80GB, 24GB, 79.6GiB) "
                         "instead of this machine's device")
+    p.add_argument("--ranks", type=int, default=1, metavar="N",
+                   help="one device of a torchrun over N (with --distributed-strategy fsdp the "
+                        "full fine-tune is sharded N ways; ddp holds it whole on each)")
     p.set_defaults(func=cmd_plan, takes_extra=True)
 
     p = sub.add_parser("eval", help="the paper's benchmark table (avg@k, pass@k)")

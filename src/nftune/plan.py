@@ -203,11 +203,16 @@ class Plan:
 
 def estimate(shape: Shape, *, tokens: int, checkpointing: bool, lora_rank: int = 0,
              bf16_base: bool = False, autocast: bool = False, logits_tokens: int | None = None,
-             gen_answers: int = 0, gen_tokens: int = 0) -> tuple[dict[str, int], dict[str, int]]:
+             gen_answers: int = 0, gen_tokens: int = 0, shards: int = 1
+             ) -> tuple[dict[str, int], dict[str, int]]:
     """(components, phases) in bytes of a trainer step: a micro-batch of ``tokens`` padded
     tokens; ``logits_tokens``: log-probs from the whole micro-batch's logits over that many
     answer tokens instead of the hidden-state chunks; ``gen_answers`` × ``gen_tokens``: one
-    Hugging Face ``generate`` call's KV cache (0: generation elsewhere)."""
+    Hugging Face ``generate`` call's KV cache (0: generation elsewhere); ``shards``: one rank
+    of an FSDP run over that many (a full fine-tune), holding 1/N of the weights, gradients
+    and moments, plus what it gathers whole: the embeddings and head (FSDP's root) and two
+    decoder layers (the one computing and the next, prefetched), with a layer's and the
+    root's unsharded gradients before they are reduce-scattered."""
     total, linear = shape.parameters(), shape.linear_parameters()
     adapters = shape.lora_parameters(lora_rank) if lora_rank else 0
     trainable = adapters if lora_rank else total
@@ -216,6 +221,12 @@ def estimate(shape: Shape, *, tokens: int, checkpointing: bool, lora_rank: int =
     gradients, moments = trainable * 4, trainable * 8
     # autocast keeps a bf16 copy of each float32 weight a matmul uses, for backward
     casts = (linear + shape.vocab * shape.hidden) * 2 if autocast and not half_base else 0
+    if shards > 1 and not lora_rank:
+        root = shape.vocab * shape.hidden * (1 if shape.tied else 2) + shape.hidden
+        layer = (total - root) // shape.layers
+        weights = total * 4 // shards + (root + 2 * layer) * 4
+        gradients, moments = total * 4 // shards + (root + layer) * 4, total * 8 // shards
+        casts = (root + 2 * layer) * 2 if autocast else 0
     half = autocast or half_base
     every_layer = activation_bytes(shape.config(), tokens, 2 if half else 4)
     # checkpointing keeps each layer's float32 input and recomputes one layer at a time
@@ -236,11 +247,14 @@ def estimate(shape: Shape, *, tokens: int, checkpointing: bool, lora_rank: int =
 
 
 def plan_run(cfg: TrainConfig, shape: Shape, device_type: str, device_bytes: int,
-             prompt_tokens: int | None = None, checkpointing: bool | None = None) -> Plan:
+             prompt_tokens: int | None = None, checkpointing: bool | None = None,
+             ranks: int = 1) -> Plan:
     """The fit check of ``cfg`` on a device of ``device_bytes``: each component, the verdict,
     the largest ``micro_batch_tokens`` that fits and what to change if it does not.
     ``prompt_tokens``: the run's longest prompt (default :data:`ASSUMED_PROMPT_TOKENS`);
-    ``checkpointing``: as resolved (default: as ``gradient_checkpointing`` decides)."""
+    ``checkpointing``: as resolved (default: as ``gradient_checkpointing`` decides);
+    ``ranks``: one device of a torchrun over that many (FSDP shards a full fine-tune; DDP
+    holds it whole on every device)."""
     prompt = prompt_tokens if prompt_tokens is not None else ASSUMED_PROMPT_TOKENS
     sequence = prompt + cfg.max_new_tokens
     if checkpointing is None:
@@ -250,6 +264,8 @@ def plan_run(cfg: TrainConfig, shape: Shape, device_type: str, device_bytes: int
                    bf16_base=cfg.base_dtype == "bfloat16",
                    autocast=cfg.uses_bf16(device_type))
     gen = {} if vllm else dict(gen_answers=cfg.gen_batch_size, gen_tokens=sequence)
+    shards = ranks if ranks > 1 and cfg.distributed_strategy == "fsdp" else 1
+    options["shards"] = shards
 
     def at(tokens: int):
         # a micro-batch holds at least one whole answer, however small the budget
@@ -262,6 +278,11 @@ def plan_run(cfg: TrainConfig, shape: Shape, device_type: str, device_bytes: int
     phases = {k: v + process for k, v in phases.items()}
     usable = int(device_bytes * FIT_MARGIN)
     plan = Plan(device_type, device_bytes, components, phases, usable)
+    if ranks > 1:
+        plan.device = f"each of {ranks} {device_type} devices"
+        plan.notes.append(f"{ranks} ranks, {cfg.distributed_strategy}: " + (
+            f"weights, gradients and AdamW's moments sharded {shards} ways" if shards > 1 else
+            "the whole model, gradients and moments on every rank"))
     if prompt_tokens is None:
         plan.notes.append(f"prompts assumed {ASSUMED_PROMPT_TOKENS} tokens (nftune train "
                           "measures the longest)")
@@ -272,7 +293,7 @@ def plan_run(cfg: TrainConfig, shape: Shape, device_type: str, device_bytes: int
     if vllm:
         _plan_vllm(plan, cfg, shape, device_type, device_bytes, sequence, options["autocast"])
     if plan.peak > plan.available:
-        _advise(plan, cfg, shape, device_type, device_bytes, prompt_tokens, at, process)
+        _advise(plan, cfg, shape, device_type, device_bytes, prompt_tokens, at, process, ranks)
     else:
         plan.largest_micro_batch_tokens = _largest_tokens(at, process, plan.available,
                                                           cfg.micro_batch_tokens)
@@ -336,7 +357,7 @@ def _largest_tokens(at, process: int, available: int, start: int) -> int | None:
 
 
 def _advise(plan: Plan, cfg, shape: Shape, device_type: str, device_bytes: int,
-            prompt_tokens, at, process: int) -> None:
+            prompt_tokens, at, process: int, ranks: int = 1) -> None:
     """What to change for a run that does not fit, each suggestion checked by the model."""
     plan.largest_micro_batch_tokens = _largest_tokens(at, process, plan.available,
                                                       cfg.micro_batch_tokens)
@@ -353,18 +374,21 @@ def _advise(plan: Plan, cfg, shape: Shape, device_type: str, device_bytes: int,
                        "gradient_checkpointing": "true"}))
     if cfg.rollout_engine == "vllm" and not cfg.vllm_sleep:
         tries.append(("--vllm-sleep true", {"vllm_sleep": True}))
+    if ranks > 1 and cfg.distributed_strategy != "fsdp" and not cfg.lora_rank:
+        tries.insert(0, ("--distributed-strategy fsdp", {"distributed_strategy": "fsdp"}))
     for flags, change in tries:
         other = plan_run(dataclasses.replace(cfg, **change), shape, device_type, device_bytes,
-                         prompt_tokens)
+                         prompt_tokens, ranks=ranks)
         if other.fits:
             plan.advice.append(f"{flags} (peak {other.peak / GIB:.1f} GiB)")
     if not plan.advice:
-        plan.advice.append("more than one GPU: verl (docs/scale.md) shards weights, gradients "
-                           "and AdamW's moments across several")
+        plan.advice.append("more GPUs: torchrun --nproc-per-node N with --distributed-strategy "
+                           "fsdp shards weights, gradients and AdamW's moments across them "
+                           "(nftune plan --ranks N; docs/scale.md), verl across nodes")
 
 
 def plan_for_config(cfg: TrainConfig, device_bytes: int | None = None,
-                    prompt_tokens: int | None = None) -> Plan:
+                    prompt_tokens: int | None = None, ranks: int = 1) -> Plan:
     """:func:`plan_run` for ``cfg`` on its own device (``device_bytes``: its memory instead of
     the device's, e.g. a card not in this machine, planned as CUDA)."""
     from nftune.policy import device_memory_bytes, pick_device
@@ -374,7 +398,8 @@ def plan_for_config(cfg: TrainConfig, device_bytes: int | None = None,
     else:
         device = pick_device(cfg.device)
         device_type, device_bytes = device.type, device_memory_bytes(device)
-    return plan_run(cfg, read_shape(cfg.model), device_type, device_bytes, prompt_tokens)
+    return plan_run(cfg, read_shape(cfg.model), device_type, device_bytes, prompt_tokens,
+                    ranks=ranks)
 
 
 # the fit table of README and docs/gpu.md: models, cards (GB = 10^9 bytes) and settings
@@ -425,14 +450,15 @@ def fit_table(models: list[str], cards_gb: list[int], settings: dict[str, dict],
 
 
 def check_fit(cfg: TrainConfig, device_type: str, device_bytes: int,
-              prompt_tokens: int | None) -> Plan | None:
+              prompt_tokens: int | None, ranks: int = 1) -> Plan | None:
     """The check ``nftune train`` makes before loading the model: the plan, or None where
     the model's shape is unknown offline (a hub id not in :data:`KNOWN_SHAPES`); raises
     :class:`DoesNotFit` with the plan when the run cannot fit."""
     local = Path(cfg.model).expanduser().is_dir()
     if not local and cfg.model.lower() not in KNOWN_SHAPES:
         return None
-    plan = plan_run(cfg, read_shape(cfg.model), device_type, device_bytes, prompt_tokens)
+    plan = plan_run(cfg, read_shape(cfg.model), device_type, device_bytes, prompt_tokens,
+                    ranks=ranks)
     if not plan.fits:
         raise DoesNotFit("the run does not fit in memory by nftune's memory model (`nftune "
                          "plan` prints the same; --fit-check false runs it anyway):\n"

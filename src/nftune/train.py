@@ -435,7 +435,8 @@ class Trainer:
             for q in [*self.questions.questions, *(q for qs in self.eval_sets.values()
                                                    for q in qs)]])
         if cfg.fit_check:
-            plan = check_fit(cfg, device.type, device_memory_bytes(device), self.prompt_tokens)
+            plan = check_fit(cfg, device.type, device_memory_bytes(device), self.prompt_tokens,
+                             world.size)
             log.info("fit check: %s", "skipped (the model's shape is not known offline)"
                      if plan is None else plan.report().replace("\n", "\n    "))
         try:

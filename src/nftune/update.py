@@ -263,7 +263,9 @@ def data_parallel(model, world: World, strategy: str = "ddp") -> torch.nn.Module
         return forward
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
+    # gradients as views into DDP's buckets: no second copy of them
+    return DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True)
 
 
 def full_policy(forward: torch.nn.Module, model, world: World):
