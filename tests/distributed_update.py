@@ -2,6 +2,7 @@
 each rank of ``torchrun --nproc-per-node N`` (gloo) on its share of the questions.
 
     python tests/distributed_update.py MODEL TRAIN_JSONL OUT_DIR ALGO MINIBATCHES STEPS STRATEGY
+        [LORA_RANK]
 
 Every rank builds the same global batch (same model, seed and questions; a verifier on one
 process), keeps its questions as the trainer deals them (global number mod N), and takes
@@ -39,16 +40,18 @@ def weights_digest(model) -> str:
 
 
 def main() -> None:
-    model_dir, train_file, out, algo, minibatches, steps, strategy = sys.argv[1:]
+    model_dir, train_file, out, algo, minibatches, steps, strategy = sys.argv[1:8]
+    lora_rank = int(sys.argv[8]) if len(sys.argv) > 8 else 0
     torch.set_num_threads(1)
     cfg = build_config(None, dict(
         model=model_dir, train_data=train_file,
         template="raw", algo=algo, prompts_per_step=6, answers_per_prompt=4,
         max_new_tokens=24, lr=1e-3, warmup_steps=0, minibatches=int(minibatches),
         micro_batch_tokens=64, device="cpu", output_dir=out,
-        distributed_strategy=strategy)).resolve()
+        distributed_strategy=strategy, lora_rank=lora_rank)).resolve()
     world = init_world("cpu", 30)
     device = torch.device("cpu")
+    torch.manual_seed(0)  # LoRA's A: the same in one process and on every rank
     model, tokenizer = build_policy(cfg, device)
     questions = load_questions(train_file).questions
     forward = optimizer = scheduler = None

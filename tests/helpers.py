@@ -44,3 +44,16 @@ def tiny_run_config(model, files, out, **overrides):
     from nftune.config import build_config
 
     return build_config(None, tiny_run_values(model, files, out, **overrides))
+
+
+# what differs between two runs of the same computation: wall-clock figures
+TIMING_KEYS = {"time_generate_s", "time_verify_s", "time_update_s", "tokens_per_s",
+               "time_step_s", "time_old_logprobs_s"}
+
+
+def same_runs(a: list[dict], b: list[dict]) -> bool:
+    """Two runs' metrics rows are the same but for the timings (and as many)."""
+    def untimed(row: dict) -> dict:
+        return {k: v for k, v in row.items() if k not in TIMING_KEYS}
+
+    return len(a) == len(b) and all(untimed(x) == untimed(y) for x, y in zip(a, b, strict=True))
