@@ -369,3 +369,17 @@ def test_truncated_is_weights_by_hand():
     weights = truncated_is_weights(batch, cap=2.0)
     torch.testing.assert_close(weights, torch.tensor([[2.0, math.exp(-0.5), 1.0]]))
     assert truncated_is_weights(batch, cap=0.0) is None
+
+
+def test_the_objective_input_table_lists_every_field():
+    """docs/objectives.md's field table is the dataclass's fields, no more and no fewer."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from nftune.objectives import ObjectiveInput
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "objectives.md").read_text()
+    table = page.split("| field | shape | meaning |", 1)[1].split("\n\n", 1)[0]
+    documented = re.findall(r"^\| `(\w+)` \|", table, re.M)
+    assert sorted(documented) == sorted(f.name for f in dataclasses.fields(ObjectiveInput))

@@ -64,3 +64,29 @@ def test_plugin_errors_name_the_problem(tmp_path):
         build_config(None, {"objective_args": "alpha=1"})
     with pytest.raises(ValueError, match="objective_args: expected name=value"):
         build_config(None, {"algo": "nft", "objective_args": "eps"})
+
+
+def test_compare_accepts_an_objective_a_plugin_registers(tiny_base, arithmetic_files, tmp_path):
+    import yaml
+    from helpers import run_cli, tiny_run_values
+
+    plugin = tmp_path / "cmp_objective.py"
+    plugin.write_text(TOY.replace("toy_sft", "toy_cmp"))
+    config = tmp_path / "shared.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_values(
+        tiny_base, arithmetic_files, steps=1, minibatches=1, eval_every=1, eval_k=1,
+        eval_data=str(arithmetic_files["test"]))))
+    out = tmp_path / "cmp"
+    # the plugin named on the command line: --algos knows its objective before the check
+    done = run_cli("compare", "--config", config, "--algos", "nft,toy_cmp", "--seeds", "1",
+                   "--output-dir", out, "--no-progress", "--plugins", plugin)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    assert set(summary) == {"nft", "toy_cmp"}
+    # the plugin's run trained with its objective, and its config names the plugin for resume
+    saved = (out / "runs" / "toy_cmp-seed0" / "config.yaml").read_text()
+    assert "algo: toy_cmp" in saved and "cmp_objective.py" in saved
+    # without the plugin the name is refused, naming it
+    refused = run_cli("compare", "--config", config, "--algos", "toy_cmp2", "--seeds", "1",
+                      "--output-dir", tmp_path / "other", "--no-progress")
+    assert refused.returncode == 2 and "toy_cmp2" in refused.stderr

@@ -228,7 +228,11 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
     from nftune.config import parse_overrides
 
     algos = [a.strip() for a in args.algos.split(",")]
-    check_algos(algos)  # before reading any file: the error names what is wrong
+    overrides = parse_overrides(extra)
+    path = Path(args.config) if args.config else None
+    shared = (yaml.safe_load(path.read_text()) or {}) if path and path.is_file() else {}
+    # the plugins first: an objective they register is a valid --algos name
+    check_algos(algos, {**shared, **overrides}.get("plugins", ""))
     if args.report:
         result = build_report(args.report)
         print((Path(args.report) / "results.md").read_text())
@@ -236,14 +240,13 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
     out = Path(args.output_dir)
     check_output_dir(out, args.resume)  # before the demo's splits are written there
     final_eval: dict = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.exists():
+    if path:
+        if not path.is_file():
             raise FileNotFoundError(f"{path}: config file not found")
-        base = yaml.safe_load(path.read_text()) or {}
+        base = shared
     else:
         base, final_eval, _ = demo_base_config(args.quick, args.cache_dir, out, args.task)
-    base.update(parse_overrides(extra))
+    base.update(overrides)
     if not base.get("eval_data") or not int(base.get("eval_every") or 0):  # before evaluating
         raise UserError("compare needs held-out evaluation: set eval_data and eval_every")
     sweep = None

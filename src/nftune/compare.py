@@ -65,9 +65,13 @@ def plan_runs(algos: list[str], seeds: list[int], sweep: tuple[str, list[str]] |
     return runs
 
 
-def check_algos(algos: list[str]) -> None:
-    """Every name a registered objective (ValueError naming the unknown ones)."""
+def check_algos(algos: list[str], plugins: str = "") -> None:
+    """Every name a registered objective once ``plugins`` (the config's comma-separated
+    modules or files) are imported (ValueError naming the unknown ones)."""
     from nftune.objectives import OBJECTIVES
+    from nftune.plugins import import_plugins
+
+    import_plugins(str(plugins or ""))
 
     unknown = [a for a in algos if a not in OBJECTIVES]
     if unknown:
@@ -84,7 +88,7 @@ def run_comparison(base: dict[str, Any], algos: list[str], seeds: list[int], out
     that holds this comparison (its shared settings must be unchanged)."""
     from nftune.train import train
 
-    check_algos(algos)
+    check_algos(algos, base.get("plugins", ""))
     if not base.get("eval_data") or not int(base.get("eval_every") or 0):
         raise ValueError("compare needs held-out evaluation: set eval_data and eval_every")
     out = Path(output_dir)
