@@ -163,7 +163,52 @@ def test_wandb_run_is_named_and_resume_continues_it(tiny_base, arithmetic_files,
     assert (out / "wandb-run-id").read_text() == first_id
     runs = list((out / "wandb").glob("offline-run-*"))
     assert runs and all(r.name.endswith(first_id) for r in runs)
+    assert first.project == "nftune"  # neither wandb_project nor $WANDB_PROJECT set
     os.environ.pop("WANDB_RUN_ID", None)
+
+
+def _completions(out):
+    return [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+
+
+def test_completions_show_a_few_prompts_answers_rewards_and_r_hat(tiny_base, arithmetic_files,
+                                                                   tmp_path):
+    """Every log_completions_every steps, the first prompts' K answers as scored (before
+    filtering): rewards 0/1, r̂ their mean, truncated answers wrong; TensorBoard gets the
+    table as text; a resume redoes the steps after its checkpoint, their rows with them."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from nftune.data import load_questions
+
+    out, k = tmp_path / "run", 4
+    cfg = run_config(tiny_base, arithmetic_files, out, steps=3, save_every=2,
+                     answers_per_prompt=k, log_completions_every=2, log_completions_prompts=1,
+                     report_to="tensorboard")
+    train(cfg, progress=False)
+    rows = _completions(out)
+    assert [r["step"] for r in rows] == [2] * k  # step 2 only (every 2 of 3 steps)
+    assert len({r["question_id"] for r in rows}) == 1  # one prompt's K answers
+    problems = {q.id: q for q in load_questions(str(arithmetic_files["train"]))}
+    question = problems[rows[0]["question_id"]]
+    assert all(r["problem"] == question.problem and r["reference"] == question.answer
+               for r in rows)
+    rewards = [r["reward"] for r in rows]
+    assert set(rewards) <= {0.0, 1.0}
+    assert all(r["r_hat"] == pytest.approx(sum(rewards) / k) for r in rows)
+    assert all(r["reward"] == 0.0 for r in rows if r["truncated"])
+    assert all(isinstance(r["completion"], str) and r["response_tokens"] >= 1 for r in rows)
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    texts = [t for tag in events.Tags()["tensors"] if tag.startswith("completions")
+             for t in events.Tensors(tag)]
+    assert [t.step for t in texts] == [2]
+    table = texts[0].tensor_proto.string_val[0].decode()
+    assert question.problem.replace("|", "\\|") in table
+    # resumed from step 2's checkpoint: nothing after it to redo, the rows stay once
+    with Trainer(cfg, resume=True) as trainer:
+        assert trainer.step_done == 2
+    assert [r["step"] for r in _completions(out)] == [2] * k
 
 
 @pytest.mark.parametrize("base_dtype", ["float32", "bfloat16"])
@@ -245,3 +290,28 @@ def test_weights_written_in_shards_past_the_limit_load_as_one_model(tiny_base, t
         write_weights(tmp_path / "..", shapes, ((n, state[n]) for n in reversed(names)))
     save_model_weights(model, tmp_path / "whole", torch.bfloat16)
     assert safetensors_dtypes(tmp_path / "whole" / "model.safetensors") == {"BF16"}
+
+
+def test_wandb_gets_the_project_and_a_completions_table(tiny_base, arithmetic_files, tmp_path,
+                                                       monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_PROJECT", "from-the-environment")
+    out = tmp_path / "env-run"
+    with Trainer(run_config(tiny_base, arithmetic_files, out, steps=1, report_to="wandb",
+                            log_completions_every=1)) as trainer:
+        trainer.step()
+        assert trainer.metrics_log.backend.project == "from-the-environment"
+    rows = _completions(out)
+    assert len(rows) == 2 * 4  # log_completions_prompts (default 2) × K
+    tables = list((out / "wandb").glob("offline-run-*/files/media/table/completions_*.json"))
+    assert len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    assert table["columns"][:4] == ["question_id", "problem", "reference", "completion"]
+    assert [row[3] for row in table["data"]] == [r["completion"] for r in rows]
+    out = tmp_path / "key-run"  # the config key wins over the environment
+    with Trainer(run_config(tiny_base, arithmetic_files, out, steps=1, report_to="wandb",
+                            wandb_project="from-the-config")) as trainer:
+        assert trainer.metrics_log.backend.project == "from-the-config"
+    os.environ.pop("WANDB_RUN_ID", None)

@@ -262,15 +262,19 @@ def remove_stale(output_dir: Path) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl, one line per step, appended and flushed; optional TensorBoard / W&B.
+    """metrics.jsonl, one line per step, and completions.jsonl, one line per logged answer,
+    beside it: appended and flushed; optional TensorBoard / W&B.
 
-    The W&B run is named ``run_name``; its id is kept in ``wandb-run-id`` beside the metrics so
-    that a resumed run (``resumed_at``: the checkpoint's step) continues the same W&B run.
-    TensorBoard drops the events of steps after that checkpoint (they are redone)."""
+    The W&B run is named ``run_name`` in ``project`` (default ``$WANDB_PROJECT``, else
+    nftune); its id is kept in ``wandb-run-id`` beside the metrics so that a resumed run
+    (``resumed_at``: the checkpoint's step) continues the same W&B run. TensorBoard drops the
+    events of steps after that checkpoint (they are redone)."""
 
     def __init__(self, path: Path, report_to: str, config: dict[str, Any],
-                 run_name: str | None = None, resumed_at: int | None = None):
+                 run_name: str | None = None, resumed_at: int | None = None,
+                 project: str | None = None):
         self.file = path.open("a", encoding="utf-8")
+        self.completions_path = path.parent / "completions.jsonl"
         self.backend: Any = None
         self.kind = report_to
         if report_to == "tensorboard":
@@ -286,7 +290,8 @@ class MetricsLog:
             run_id = id_file.read_text().strip() if resumed_at is not None and \
                 id_file.exists() else secrets.token_hex(4)
             id_file.write_text(run_id)
-            self.backend = wandb.init(project="nftune", name=run_name, id=run_id,
+            project = project or os.environ.get("WANDB_PROJECT") or "nftune"
+            self.backend = wandb.init(project=project, name=run_name, id=run_id,
                                       resume="allow", dir=str(path.parent), config=config,
                                       mode=os.environ.get("WANDB_MODE", "offline"))
 
@@ -300,6 +305,29 @@ class MetricsLog:
                     self.backend.add_scalar(key, value, row["step"])
         elif self.kind == "wandb":
             self.backend.log(row, step=row["step"])
+
+    def write_completions(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """A step's sampled answers (one dict each, the same keys): appended to
+        completions.jsonl, and as a table to W&B or a Markdown table to TensorBoard."""
+        if not rows:
+            return
+        with self.completions_path.open("a", encoding="utf-8") as file:
+            file.write("".join(json.dumps({"step": step, **row}) + "\n" for row in rows))
+            file.flush()
+            os.fsync(file.fileno())
+        columns = list(rows[0])
+        if self.kind == "tensorboard":
+            def cell(value: Any) -> str:
+                return str(value).replace("|", "\\|").replace("\n", "<br>")
+
+            table = [f"| {' | '.join(columns)} |", "|" + "---|" * len(columns)]
+            table += [f"| {' | '.join(cell(r[c]) for c in columns)} |" for r in rows]
+            self.backend.add_text("completions", "\n".join(table), step)
+        elif self.kind == "wandb":
+            import wandb
+
+            table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
+            self.backend.log({"completions": table}, step=step)
 
     def close(self) -> None:
         self.file.close()

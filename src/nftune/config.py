@@ -56,7 +56,8 @@ RESUME_FREE_KEYS = ("output_dir", "data_dir", "device", "verify_workers",
 RESUME_SAFE_KEYS = ("steps", "save_every", "keep_checkpoints", "eval_every", "eval_data",
                     "eval_limit", "eval_k", "eval_temperature", "eval_top_p",
                     "eval_max_new_tokens", "report_to", "verify_timeout_s", "run_name",
-                    "final_dtype")
+                    "final_dtype", "wandb_project", "log_completions_every",
+                    "log_completions_prompts")
 
 
 def _option(default: Any, help: str) -> Any:
@@ -218,6 +219,13 @@ class TrainConfig:
                                      "network).")
     run_name: str | None = _option(None, "The run's name in W&B and the model card (default: "
                                          "the output directory's name).")
+    wandb_project: str | None = _option(None, "W&B project (default: $WANDB_PROJECT, else "
+                                              "nftune).")
+    log_completions_every: int = _option(10, "Every N steps write a few prompts' K answers, "
+                                             "rewards and r̂ to completions.jsonl (and W&B / "
+                                             "TensorBoard); 0 = never.")
+    log_completions_prompts: int = _option(2, "How many prompts of the step's first round "
+                                              "log_completions_every logs.")
     final_dtype: str = _option("auto", "dtype of final/'s weights: auto (the base model's "
                                        "declared dtype) | float32 | bfloat16 | float16.")
 
@@ -302,6 +310,8 @@ class TrainConfig:
             (self.lr_schedule in ("constant", "cosine"), "lr_schedule: constant or cosine"),
             (self.report_to in ("none", "tensorboard", "wandb"),
              "report_to: none, tensorboard or wandb"),
+            (self.log_completions_every >= 0, "log_completions_every: 0 (never) or more"),
+            (self.log_completions_prompts >= 1, "log_completions_prompts: at least 1"),
             (self.gradient_checkpointing in ("auto", "true", "false"),
              "gradient_checkpointing: auto, true or false"),
             (self.final_dtype in ("auto", "float32", "bfloat16", "float16"),

@@ -20,6 +20,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -177,7 +178,8 @@ def with_old_logprobs(model, rollout: Rollout | None, cfg: TrainConfig, world: W
 def collect_rollout(model, tokenizer, questions: list[Question], sampler: PromptSampler,
                     reward: Reward | Verifier, cfg: TrainConfig,
                     engine: GenerationEngine | None = None, world: World = SINGLE,
-                    forward=None) -> tuple[Rollout | None, RolloutStats]:
+                    forward=None, on_scored: Callable[[list[Question], Rollout], None] | None
+                    = None) -> tuple[Rollout | None, RolloutStats]:
     """Algorithm 1, steps 1–5: generate K answers for fresh questions (with ``engine``,
     default Hugging Face ``generate`` on ``model``) → score them (``reward``, or a math
     ``Verifier`` alone) → group statistics → keep the groups whose rewards differ, refilling
@@ -189,7 +191,8 @@ def collect_rollout(model, tokenizer, questions: list[Question], sampler: Prompt
     numbered globally (:func:`nftune.parallel.interleaved_ids`: every mini-batch then spans
     the ranks), and the statistics are the global batch's. Under FSDP (``forward`` sharded,
     its engine collective) a rank with no questions in a round still joins the others'
-    generation and π_old forwards."""
+    generation and π_old forwards. ``on_scored(questions, rollout)`` sees each round's scored
+    answers (rewards and r̂) before filtering."""
     engine = engine or HFEngine(model, tokenizer, cfg.gen_batch_size)
     reward = reward if isinstance(reward, Reward) else Reward(reward)
     k = cfg.answers_per_prompt
@@ -216,6 +219,8 @@ def collect_rollout(model, tokenizer, questions: list[Question], sampler: Prompt
             time_ver += time.perf_counter() - start
             errors, timeouts = errors + scores.errors, timeouts + scores.timeouts
             scored = with_group_statistics(rollout, scores.values, k, cfg)
+            if on_scored is not None:
+                on_scored(batch, scored)
             rewards.append(scored.reward.cpu())
             lengths.append(scored.response_lengths.float().cpu())
             truncated.append(scored.truncated.float().cpu())
@@ -264,6 +269,24 @@ def collect_rollout(model, tokenizer, questions: list[Question], sampler: Prompt
         mean, biggest = (total / tokens, biggest_all) if tokens else (None, None)
     stats.engine_logprob_diff_mean, stats.engine_logprob_diff_max = mean, biggest
     return batch_rollout, stats
+
+
+def completion_rows(questions: list[Question], rollout: Rollout, prompts: int
+                    ) -> list[dict[str, Any]]:
+    """The K scored answers of the first ``prompts`` questions, one row each: what
+    completions.jsonl and the W&B / TensorBoard table show."""
+    rows = []
+    for i in range(len(rollout)):
+        group = int(rollout.group_ids[i])
+        if group >= prompts:
+            continue
+        question = questions[group]
+        rows.append({"question_id": question.id, "problem": question.problem,
+                     "reference": question.answer, "completion": rollout.texts[i],
+                     "reward": float(rollout.reward[i]), "r_hat": float(rollout.r_hat[i]),
+                     "response_tokens": int(rollout.response_lengths[i]),
+                     "truncated": bool(rollout.truncated[i])})
+    return rows
 
 
 def batch_means(batch: Rollout | None, world: World = SINGLE) -> tuple[float, float]:
@@ -347,7 +370,8 @@ def _restore(state: dict[str, Any], checkpoint: Path, optimizer, scheduler,
 
 # what makes a directory hold a run, and what --overwrite deletes of it
 RUN_FILES = ("metrics.jsonl", "checkpoints", "final")
-RUN_OUTPUTS = (*RUN_FILES, "train.log", "config.yaml", "tensorboard", "wandb", "wandb-run-id")
+RUN_OUTPUTS = (*RUN_FILES, "train.log", "config.yaml", "completions.jsonl", "tensorboard",
+               "wandb", "wandb-run-id")
 
 
 def claim_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -466,14 +490,16 @@ class Trainer:
                                                        self.scheduler, self.sampler, world,
                                                        self.forward)
             if world.is_main:
-                truncate_metrics(out / "metrics.jsonl", self.step_done)
+                for name in ("metrics.jsonl", "completions.jsonl"):
+                    truncate_metrics(out / name, self.step_done)
             log.info("resumed from %s", checkpoint)
         self.metrics_log = None
         if world.is_main:
             cfg.save(out / "config.yaml")
             self.metrics_log = MetricsLog(out / "metrics.jsonl", cfg.report_to, cfg.to_dict(),
                                           run_name=cfg.run_name or out.resolve().name,
-                                          resumed_at=self.step_done if checkpoint else None)
+                                          resumed_at=self.step_done if checkpoint else None,
+                                          project=cfg.wandb_project)
             self._cleanup.callback(self.metrics_log.close)
         log.info("training %s with %s on %d questions (%s), device %s%s", cfg.model, cfg.algo,
                  len(self.questions), self.questions.origin, device,
@@ -507,10 +533,19 @@ class Trainer:
         world = self.world
         # sampling depends on (seed, step) and, under several ranks, the rank
         torch.manual_seed((cfg.seed * 1_000_003 + step) * world.size + world.rank)
+        # a few of the step's first answers, as generated and scored, for completions.jsonl
+        shown: list[dict[str, Any]] = []
+
+        def show(questions: list[Question], rollout: Rollout) -> None:
+            if not shown:
+                shown.extend(completion_rows(questions, rollout, cfg.log_completions_prompts))
+
+        due = self.metrics_log is not None and cfg.log_completions_every > 0 and \
+            step % cfg.log_completions_every == 0
         # 1–5: questions, K answers each, rewards, r̂, keep 0 < r̂ < 1 (refilling), π_old
         batch, stats = collect_rollout(self.model, self.tokenizer, self.questions.questions,
                                        self.sampler, self.reward, cfg, self.engine, world,
-                                       self.forward)
+                                       self.forward, on_scored=show if due else None)
         row: dict[str, Any] = {"step": step, **{k: v for k, v in vars(stats).items()
                                                  if v is not None}}
         for name in ("errors", "timeouts"):
@@ -540,6 +575,7 @@ class Trainer:
         row["time_step_s"] = world.max(time.perf_counter() - step_started)[0]
         if self.metrics_log is not None:
             self.metrics_log.write(row)
+            self.metrics_log.write_completions(step, shown)
         self.step_done = step
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
             state = self._state()  # every rank's random state, gathered
