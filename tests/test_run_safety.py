@@ -210,6 +210,66 @@ def test_resume_takes_safe_changes_only_when_allowed(run_copy, tiny_base, arithm
     assert "steps: 5" in (run_copy / "config.yaml").read_text()
 
 
+REWARD_FILE = """
+def ends_right(responses, rows):
+    return [float(r.strip().endswith(str(row["answer"]))) for r, row in zip(responses, rows)]
+"""
+
+
+def _place(where: Path, tiny_base, files) -> dict:
+    """A base model, training data and a reward file under ``where``, as a user lays them out;
+    the run's settings with those paths (the reward file named relative to ``where``)."""
+    shutil.copytree(tiny_base, where / "base")
+    shutil.copy(files["train"], where / "train.jsonl")
+    (where / "my_rewards.py").write_text(REWARD_FILE)
+    return dict(model=str(where / "base"), train_data=str(where / "train.jsonl"),
+                reward="my_rewards.py:ends_right")
+
+
+def test_a_run_moved_with_its_inputs_resumes_exactly_and_other_files_are_refused(
+        tiny_base, arithmetic_files, tmp_path, monkeypatch):
+    from helpers import same_runs, tiny_run_values
+
+    from nftune.train import Trainer
+
+    first, second = tmp_path / "machine-a", tmp_path / "machine-b"
+    first.mkdir()
+    paths = _place(first, tiny_base, arithmetic_files)
+    monkeypatch.chdir(first)  # the relative reward path is resolved where the run starts
+
+    def settings(where: Path, **kw):
+        return build_config(None, {**tiny_run_values(tiny_base, arithmetic_files, where / "run"),
+                                   "steps": 2, "save_every": 1, "seed": 5, **paths, **kw})
+
+    with Trainer(settings(first)) as trainer:
+        trainer.step()  # the checkpoint after step 1
+    assert str(first / "my_rewards.py") in (first / "run" / "config.yaml").read_text()
+    shutil.copytree(first, second)  # the run and its inputs, as they reach another machine
+    train(settings(first), resume=True, progress=False)  # the reference: step 2 where it began
+    reference = [json.loads(x) for x in (first / "run" / "metrics.jsonl").read_text().splitlines()]
+    shutil.move(first, tmp_path / "gone")  # nothing at the old paths any more
+
+    monkeypatch.chdir(second)
+    paths.update(model=str(second / "base"), train_data=str(second / "train.jsonl"))
+    (second / "base" / "README.md").write_text("a card the copy gained: not the model")
+    train(settings(second), resume=True, progress=False)
+    moved = [json.loads(x) for x in (second / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in moved] == [1, 2] and same_runs(moved, reference)
+    log = (second / "run" / "train.log").read_text()
+    for key in ("model", "train_data", "reward"):
+        assert f"--resume: {key} moved from" in log
+
+    # other data at a new path, or the same path holding other data: refused, naming it
+    lines = (second / "train.jsonl").read_text().splitlines(keepends=True)
+    (second / "fewer.jsonl").write_text("".join(lines[:-1]))
+    for data in (second / "fewer.jsonl", second / "train.jsonl"):
+        if data.name == "train.jsonl":
+            data.write_text("".join(lines[:-1]))
+        with pytest.raises(ValueError, match="not the files the run started with") as err:
+            Trainer(settings(second, train_data=str(data)), resume=True)
+        assert "train_data" in str(err.value) and "model" not in str(err.value)
+
+
 # --- 9. nonsense settings fail at once, with the key named --------------------------------------
 
 

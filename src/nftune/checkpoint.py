@@ -261,6 +261,88 @@ def remove_stale(output_dir: Path) -> None:
                 path.rename(target)
 
 
+# ---------------------------------------------------------------------------------------------
+# What a run was started on: the content of its local input paths, so that it can move
+# ---------------------------------------------------------------------------------------------
+
+# config keys that name local files or directories (besides names, modules and hub ids)
+INPUT_KEYS = ("model", "train_data", "plugins", "reward")
+WHOLE_FILE_BYTES = 64 << 20  # files up to this size are hashed whole
+SAMPLE_BYTES = 1 << 20  # of a larger one: its size and 17 windows of this size
+
+
+def content_digest(path: Path) -> str:
+    """SHA-256 of a file, whole up to 64 MiB; of a larger one (weights) its size, its first
+    MiB (a safetensors header names every tensor) and 16 more evenly spaced 1 MiB windows
+    (16 ms for 1 GiB, 50 times less than whole), and a fine-tune changes every window."""
+    size = path.stat().st_size
+    if size <= WHOLE_FILE_BYTES:
+        return sha256_file(path)
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        for i in range(17):
+            f.seek((size - SAMPLE_BYTES) * i // 16)
+            digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def _model_files(directory: Path) -> list[Path]:
+    """The files of a model directory that make the model: not its card, licence or dotfiles."""
+    return sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.suffix != ".md" and not p.name.upper().startswith("LICENSE"))
+
+
+def input_paths(key: str, value: str) -> list[str]:
+    """The local paths a config value names (none for a hub id, a set name or a module)."""
+    if key in ("model", "train_data"):
+        return [value] if value and Path(value).expanduser().exists() else []
+    if key == "plugins":
+        return [n.strip() for n in value.split(",") if n.strip().endswith(".py")]
+    if key == "reward":
+        from nftune.reward import parse_reward_spec
+
+        return [t.target.rpartition(":")[0] for t in parse_reward_spec(value)
+                if t.target.rpartition(":")[0].endswith(".py")]
+    raise KeyError(key)
+
+
+def input_fingerprints(config: dict[str, Any]) -> dict[str, str]:
+    """For each key of :data:`INPUT_KEYS` that names local paths, one digest of what they hold
+    (names within a directory, and contents): the same files elsewhere give the same."""
+    found = {}
+    for key in INPUT_KEYS:
+        paths = input_paths(key, str(config.get(key) or ""))
+        if not paths:
+            continue
+        digest = hashlib.sha256()
+        for name in paths:
+            path = Path(name).expanduser()
+            files = _model_files(path) if path.is_dir() else [path]
+            for file in files:
+                digest.update(f"{file.name if path.is_dir() else ''}\0"
+                              f"{content_digest(file)}\n".encode())
+            digest.update(b"\1")
+        found[key] = digest.hexdigest()
+    return found
+
+
+def moved_inputs(saved: dict[str, Any] | None, now: dict[str, str], saved_config: dict[str, Any],
+                 config: dict[str, Any]) -> list[str]:
+    """The input keys whose paths changed since the run started but hold the same files (free
+    to differ on resume). Where the files differ, at a new path or the same one, ValueError
+    naming the key and both paths; a checkpoint without fingerprints (``saved`` None, an
+    older nftune) moves nothing."""
+    if not isinstance(saved, dict):
+        return []
+    differ = [k for k in now if k in saved and saved[k] != now[k]]
+    if differ:
+        show = "; ".join(f"{k}: {saved_config.get(k)!r} then, {config.get(k)!r} now"
+                         for k in differ)
+        raise ValueError(f"--resume: not the files the run started with ({show}); point "
+                         f"{', '.join(differ)} at a copy of the original, or start a new run")
+    return [k for k in now if k in saved and saved_config.get(k) != config.get(k)]
+
+
 class MetricsLog:
     """metrics.jsonl, one line per step, and completions.jsonl, one line per logged answer,
     beside it: appended and flushed; optional TensorBoard / W&B.

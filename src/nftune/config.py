@@ -60,6 +60,19 @@ RESUME_SAFE_KEYS = ("steps", "save_every", "keep_checkpoints", "eval_every", "ev
                     "log_completions_prompts")
 
 
+def _absolute_py_files(spec: str) -> str:
+    """``spec`` (comma-separated ``file.py``, ``file.py:function*weight``, modules) with each
+    ``.py`` file that exists written as its absolute path; the rest as it is."""
+    def absolute(part: str) -> str:
+        stem, dot_py, rest = part.strip().partition(".py")
+        path = Path(stem + dot_py).expanduser()
+        if dot_py and (not rest or rest.startswith(":")) and path.is_file():
+            return str(path.resolve()) + rest
+        return part.strip()
+
+    return ",".join(absolute(p) for p in spec.split(",")) if spec else spec
+
+
 def _option(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
@@ -234,6 +247,10 @@ class TrainConfig:
         from nftune.objectives import get_objective
         from nftune.plugins import import_plugins
 
+        # a .py file named relative to where the run starts is recorded absolute: a resume
+        # from another directory (or with --config RUN/config.yaml) finds the same file
+        self.plugins = _absolute_py_files(self.plugins)
+        self.reward = _absolute_py_files(self.reward)
         import_plugins(self.plugins)
         self.gradient_checkpointing = _auto_switch(self.gradient_checkpointing)
         self.bf16 = _auto_switch(self.bf16)
@@ -380,13 +397,16 @@ class TrainConfig:
         hparams.update(self.extra_hparams())
         return hparams
 
-    def check_resume(self, saved: dict[str, Any], allow_changes: bool = False) -> list[str]:
+    def check_resume(self, saved: dict[str, Any], allow_changes: bool = False,
+                     moved: tuple[str, ...] | list[str] = ()) -> list[str]:
         """Compare with the config a checkpoint was saved under. Returns the keys that changed
         (each safe to change on resume, allowed by ``allow_changes``); raises ValueError naming
-        every changed key otherwise."""
-        now = {k: v for k, v in self.to_dict().items() if k not in RESUME_FREE_KEYS}
+        every changed key otherwise. ``moved``: input keys whose new paths hold the run's
+        files (:func:`nftune.checkpoint.moved_inputs`), free to differ."""
+        free = (*RESUME_FREE_KEYS, *moved)
+        now = {k: v for k, v in self.to_dict().items() if k not in free}
         changed = [k for k in now if k in saved and saved[k] != now[k]]
-        changed += [k for k in saved if k not in now and k not in RESUME_FREE_KEYS]
+        changed += [k for k in saved if k not in now and k not in free]
         if not changed:
             return []
         safe = set(RESUME_SAFE_KEYS) - ({"steps"} if self.lr_schedule != "constant" else set())

@@ -40,8 +40,10 @@ from nftune.artifact import (
 from nftune.checkpoint import (
     CheckpointError,
     MetricsLog,
+    input_fingerprints,
     latest_checkpoint,
     load_state,
+    moved_inputs,
     prune_checkpoints,
     remove_stale,
     save_checkpoint,
@@ -436,12 +438,19 @@ class Trainer:
             remove_stale(out)
             checkpoint = latest_checkpoint(out) if resume else None
         checkpoint = world.gather(checkpoint)[0]  # rank 0's choice, for every rank
+        # what the model, data, plugin and reward paths hold: a resume may find them elsewhere
+        self.inputs = input_fingerprints(cfg.to_dict())
         if resume:
             if checkpoint is None:
                 log.warning("--resume: no checkpoint in %s; starting from the beginning", out)
             else:
                 state = load_state(checkpoint)
-                changed = cfg.check_resume(state.get("config") or {}, allow_changes)
+                saved = state.get("config") or {}
+                moved = moved_inputs(state.get("inputs"), self.inputs, saved, cfg.to_dict())
+                for key in moved:
+                    log.info("--resume: %s moved from %s to %s (the same files)", key,
+                             saved.get(key), getattr(cfg, key))
+                changed = cfg.check_resume(saved, allow_changes, moved)
                 if changed:
                     log.warning("--resume: changed on resume: %s", ", ".join(changed))
         self.verifier = self._cleanup.enter_context(
@@ -609,7 +618,8 @@ class Trainer:
         return {"step": self.step_done,
                 "optimizer": optimizer_state(self.forward, self.optimizer),
                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
-                "nan_streak": self.nan_streak, "config": self.cfg.to_dict(), "rng": rng}
+                "nan_streak": self.nan_streak, "config": self.cfg.to_dict(),
+                "inputs": self.inputs, "rng": rng}
 
     def close(self) -> None:
         self._cleanup.close()
