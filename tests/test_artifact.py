@@ -4,6 +4,7 @@ overwritten by accident, and W&B keeps one run across a resume."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -315,3 +316,87 @@ def test_wandb_gets_the_project_and_a_completions_table(tiny_base, arithmetic_fi
                             wandb_project="from-the-config")) as trainer:
         assert trainer.metrics_log.backend.project == "from-the-config"
     os.environ.pop("WANDB_RUN_ID", None)
+
+
+@pytest.fixture
+def hub_calls(monkeypatch):
+    """The hub reachable and a token there, as far as nftune can tell; the two requests it
+    makes recorded instead of sent (the network boundary)."""
+    from huggingface_hub import HfApi, constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    calls = []
+
+    def create_repo(self, repo_id, **kw):
+        calls.append(("create_repo", repo_id, kw, self.token))
+
+    def create_commit(self, repo_id, operations, **kw):
+        sent = {op.path_in_repo: op.path_or_fileobj for op in operations}
+        calls.append(("create_commit", repo_id, kw, sent))
+        return type("Info", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/1"})
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    return calls
+
+
+def test_push_sends_final_with_its_card_and_a_lora_run_the_merged_model(
+        tiny_base, arithmetic_files, tmp_path, hub_calls):
+    from helpers import run_cli
+
+    out = tmp_path / "run"
+    train(run_config(tiny_base, arithmetic_files, out, steps=1, lora_rank=4, lora_alpha=8),
+          progress=False)
+    final = out / "final"
+    done = run_cli("push", out, "me/tiny-nft", "--private")
+    assert done.returncode == 0, done.stderr
+    assert "https://huggingface.co/me/tiny-nft/commit/1" in done.stdout
+    (_, repo, kw, token), (_, repo2, _, sent) = hub_calls
+    assert repo == repo2 == "me/tiny-nft" and kw["private"] and token == "hf_test_token"
+    # every file of final/ but the adapter, each from its file; the card as it was written
+    expected = {p.relative_to(final).as_posix() for p in final.rglob("*") if p.is_file()
+                and not p.relative_to(final).as_posix().startswith("adapter/")}
+    assert set(sent) == expected and "model.safetensors" in sent
+    assert sent["README.md"] == (final / "README.md").read_bytes()
+    assert all(Path(sent[n]) == final / n for n in sent if n != "README.md")
+
+    hub_calls.clear()
+    assert run_cli("push", final, "me/tiny-nft-lora", "--adapter").returncode == 0
+    sent = hub_calls[1][3]
+    assert set(sent) == {p.name for p in (final / "adapter").iterdir()} | {"README.md"}
+    assert "adapter_config.json" in sent and "model.safetensors" not in sent
+    card = sent["README.md"].decode()
+    header = yaml.safe_load(card.split("---\n")[1])
+    assert header["library_name"] == "peft" and "lora" in header["tags"]
+    assert header["base_model"] == yaml.safe_load(
+        (final / "README.md").read_text().split("---\n")[1])["base_model"]
+
+
+def test_push_fails_in_one_line_before_any_request(tiny_base, arithmetic_files, tmp_path,
+                                                    hub_calls, monkeypatch):
+    from helpers import run_cli
+
+    from nftune.hub import plan_upload
+
+    out = tmp_path / "run"
+    train(run_config(tiny_base, arithmetic_files, out, steps=1), progress=False)
+    assert "adapter/" not in " ".join(plan_upload(out).files)
+    cases = [(tmp_path / "nothing-here", {}, "no model to push"),
+             (out, {"adapter": True}, "--adapter is for a LoRA run"),
+             (out, {"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+             (out, {"HF_TOKEN": ""}, "no Hugging Face token")]
+    for run_dir, change, message in cases:
+        with monkeypatch.context() as m:
+            for key, value in change.items():
+                if key.isupper():
+                    m.setenv(key, value)
+            from huggingface_hub import constants
+
+            m.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))  # none stored
+            extra = ["--adapter"] if change.get("adapter") else []
+            done = run_cli("push", run_dir, "me/x", *extra)
+        assert done.returncode == 2 and message in done.stderr, (message, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1
+    assert hub_calls == []  # nothing was sent

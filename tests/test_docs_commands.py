@@ -111,7 +111,7 @@ def test_documented_command_parses(page, command, monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("sub", ["objectives", "demo", "compare", "eval", "train", "data",
-                                 "verl-data", "plan"])
+                                 "verl-data", "plan", "push"])
 def test_every_sub_command_has_help(sub, capsys):
     from nftune.cli import main
 

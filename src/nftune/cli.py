@@ -65,6 +65,19 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    """A run's final/ (with its model card) to a hub repository."""
+    from nftune.hub import PushError, push
+
+    try:
+        url = push(args.run_dir, args.repo_id, adapter=args.adapter, private=args.private,
+                   revision=args.revision, commit_message=args.message)
+    except PushError as err:
+        raise UserError(str(err)) from None
+    print(f"pushed {args.run_dir} to {url}")
+    return 0
+
+
 def cmd_verl_data(args: argparse.Namespace) -> int:
     """verl's train/val parquet files from nftune's loaders (with nftune's cleaning)."""
     from nftune.integrations.verl_data import prepare_verl_data
@@ -401,6 +414,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoints and final/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train, takes_extra=True)
+
+    p = sub.add_parser(
+        "push", help="upload a run's final model and its card to the Hugging Face hub",
+        description="Uploads RUN_DIR/final (a LoRA run: the merged model) with its model card "
+                    "as one commit; the repository is created if missing. Needs a token "
+                    "(`hf auth login` or HF_TOKEN) and the hub reachable.")
+    p.add_argument("run_dir", help="run directory (or its final/)")
+    p.add_argument("repo_id", help="hub repository, e.g. user/qwen-nft")
+    p.add_argument("--adapter", action="store_true",
+                   help="a LoRA run: push the adapter (final/adapter) instead of the merged "
+                        "model")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", default=None, help="branch to commit to (default: main)")
+    p.add_argument("--message", default=None, help="commit message")
+    p.set_defaults(func=cmd_push)
 
     data = sub.add_parser("data", help="inspect question sets").add_subparsers(
         dest="data_command", metavar="ACTION", required=True)
