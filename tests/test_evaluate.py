@@ -89,7 +89,7 @@ def test_tiny_model_end_to_end(tiny_base, arithmetic_files, tmp_path):
         in done.stdout
     settings = result["settings"]
     assert settings["protocol"] == "nft-paper" and settings["engine"] == "hf"
-    assert settings["overrides"] == ["--template raw", "--samples 2"]
+    assert settings["overrides"] == ["--template raw", "--samples 2", "--max-new-tokens 24"]
     assert {"nftune", "torch", "transformers", "math-verify"} <= set(settings["versions"])
 
 
@@ -210,6 +210,46 @@ def test_last_curve_point_equals_nftune_eval_of_the_final_model(arithmetic_files
     reported = json.loads((tmp_path / "eval.json").read_text())["summary"]["test"]["avg_at_k"]
     assert 0 < curve < 1  # a number that can differ
     assert reported == curve
+    # the run's own settings from its config.yaml: template, answer budget, final/ beside it
+    done = eval_cli("--config", str(out / "config.yaml"), "--benchmarks", str(test),
+                    "--temperature", "0", "--samples", "1", "--output", str(tmp_path / "run"),
+                    "--verify-workers", "1", "--no-progress")
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "run.json").read_text())
+    assert result["summary"]["test"]["avg_at_k"] == curve
+    assert result["settings"]["template"] == cfg.template
+    assert result["settings"]["max_new_tokens"] == cfg.max_new_tokens == 48
+
+
+def test_a_training_set_is_evaluated_as_the_run_prompts_it(tiny_base, arithmetic_files,
+                                                            tmp_path):
+    """With --config, a set is cleaned as training cleans it: DAPO-Math's own instruction is
+    stripped before the run's template adds it (without, it would be there twice)."""
+    from nftune.config import build_config
+    from nftune.data import DAPO_PREFIX, DAPO_SUFFIX, load_questions
+
+    rows = [json.loads(x) for x in arithmetic_files["test"].read_text().splitlines()][:3]
+    dapo_like = tmp_path / "dapo_like.jsonl"
+    dapo_like.write_text("".join(json.dumps({**r, "problem": DAPO_PREFIX + r["problem"]
+                                             + DAPO_SUFFIX}) + "\n" for r in rows))
+    config = tmp_path / "run" / "config.yaml"
+    config.parent.mkdir()
+    build_config(None, {"model": str(tiny_base), "train_data": str(dapo_like),
+                        "template": "dapo", "max_new_tokens": 12}).save(config)
+    for flags, stem in ((["--config", str(config), "--model", str(tiny_base)], "as-run"),
+                        (["--model", str(tiny_base), "--template", "dapo"], "as-published")):
+        done = eval_cli(*flags, "--benchmarks", str(dapo_like), "--samples", "1",
+                        "--temperature", "0", "--output", str(tmp_path / stem),
+                        "--verify-workers", "1", "--no-progress")
+        assert done.returncode == 0, done.stderr[-2000:]
+    as_run = json.loads((tmp_path / "as-run.json").read_text())
+    published = json.loads((tmp_path / "as-published.json").read_text())
+    cleaned = [q.problem for q in load_questions(str(dapo_like))]  # training's loader
+    assert [i["problem"] for i in as_run["items"]["dapo_like"]] == cleaned
+    assert all(i["problem"].startswith(DAPO_PREFIX) for i in published["items"]["dapo_like"])
+    assert as_run["settings"]["max_new_tokens"] == 12  # the run's budget, not 4,096
+    assert published["settings"]["max_new_tokens"] == 4096
+    assert any("--config" in o for o in as_run["settings"]["overrides"])
 
 
 def test_paper_protocol_temperature_follows_the_model_size(tiny_base, tmp_path):

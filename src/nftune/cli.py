@@ -163,8 +163,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
         versions,
         write_eval_outputs,
     )
+    from nftune.sampling import EVAL_MAX_NEW_TOKENS
     from nftune.verify import Verifier
 
+    run = None
+    if args.config:  # a training run's config: its cleaning, template and answer budget
+        from nftune.config import build_config
+
+        if args.responses:
+            raise UserError("--config is for --model (a run's model generating as it trained)")
+        run = build_config(args.config)
+        if not args.model:
+            final = Path(args.config).parent / "final"
+            if not final.is_dir():
+                raise UserError(f"{final}: no final model beside {args.config}; give --model")
+            args.model = str(final)
+        args.template = args.template or run.template
+        args.max_new_tokens = args.max_new_tokens or run.eval_max_new_tokens or \
+            run.max_new_tokens
+        args.data_dir = args.data_dir or run.data_dir
+    args.max_new_tokens = args.max_new_tokens or EVAL_MAX_NEW_TOKENS
     if bool(args.model) == bool(args.responses):
         raise UserError("give exactly one of --model or --responses")
     chosen = [n.strip() for n in args.benchmarks.split(",")] if args.benchmarks else None
@@ -189,13 +207,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size, limit=args.limit, data_dir=data_dir,
                 engine_name=args.engine, dtype=args.dtype,
                 gpu_memory_utilization=args.gpu_memory_utilization,
-                progress=not args.no_progress)
+                progress=not args.no_progress, clean=run is not None)
             title = args.model
     if args.model:
         overrides = [f"--{name.replace('_', '-')} {value}" for name, value, default in (
             ("template", args.template, None), ("samples", args.k, None),
             ("temperature", args.temperature, protocol_temperature),
-            ("top_p", args.top_p, 0.7)) if value != default]
+            ("top_p", args.top_p, 0.7),
+            ("max_new_tokens", args.max_new_tokens, EVAL_MAX_NEW_TOKENS)) if value != default]
+        if run is not None:
+            overrides.insert(0, f"--config {args.config} (sets cleaned as in training)")
         settings = {"protocol": args.protocol, "overrides": overrides, "model": title,
                     "engine": args.engine,
                     "dtype": args.dtype or ("float32" if args.engine == "hf" else "the model's"),
@@ -278,6 +299,7 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from nftune import __version__
     from nftune.config import ENGINES  # light: no torch
+    from nftune.sampling import EVAL_MAX_NEW_TOKENS
 
     parser = argparse.ArgumentParser(
         prog="nftune",
@@ -365,12 +387,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the protocol's (nft-paper: 1.0 below 20 B parameters, 0.6 "
                         "from there, as the paper's 7B and 32B models); 0 is greedy")
     p.add_argument("--top-p", type=float, default=0.7)
-    p.add_argument("--max-new-tokens", type=int, default=4096,
-                   help="answer length limit (default 4096), cut where prompt and answer "
-                        "would pass the model's context (max_position_embeddings)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"answer length limit (default {EVAL_MAX_NEW_TOKENS:,}; with --config "
+                        "the run's), cut where prompt and answer would pass the model's "
+                        "context (max_position_embeddings)")
     p.add_argument("--template", default=None,
-                   help="prompt template (default: dapo for AIME/AMC, boxed otherwise); with "
-                        "--responses it picks the answer extraction (default: either form)")
+                   help="prompt template (default: dapo for AIME/AMC, boxed otherwise; with "
+                        "--config the run's); with --responses it picks the answer extraction "
+                        "(default: either form)")
+    p.add_argument("--config", default=None,
+                   help="a training run's config.yaml: generate as the run did (its template, "
+                        "answer budget, data_dir, sets cleaned as in training; default --model "
+                        "the final/ beside it), e.g. to see what it writes on its training set")
     p.add_argument("--limit", type=int, default=None, help="first N questions of each set")
     p.add_argument("--batch-size", type=int, default=64, help="answers per generate call")
     p.add_argument("--engine", default="hf", choices=sorted(ENGINES),

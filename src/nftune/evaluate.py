@@ -16,7 +16,7 @@ from nftune.data import Question, format_prompt, load_questions, strategy_for
 from nftune.parallel import SINGLE, World
 from nftune.reward import Reward
 from nftune.rollout import GenerationEngine, HFEngine, join_others
-from nftune.sampling import Sampling, is_greedy
+from nftune.sampling import EVAL_MAX_NEW_TOKENS, Sampling, is_greedy
 from nftune.verify import Verifier
 
 
@@ -184,7 +184,8 @@ def grade_items(name: str, questions: list[Question], responses: list[list[str]]
     items, n_correct = [], []
     for i, q in enumerate(questions):
         rows = range(i * k, (i + 1) * k)
-        items.append({"id": q.id, "gold": q.answer, "responses": [flat[j] for j in rows],
+        items.append({"id": q.id, "problem": q.problem, "gold": q.answer,
+                      "responses": [flat[j] for j in rows],
                       "extracted": [extract_answer(flat[j], strategy) for j in rows],
                       "correct": [bool(verdicts[j]) for j in rows]})
         n_correct.append(sum(verdicts[j] for j in rows))
@@ -352,12 +353,14 @@ def grade_responses(path: Path, benchmarks: list[str] | None, verifier: Verifier
 
 def evaluate_model(model_path: str, benchmarks: list[str], verifier: Verifier, *,
                    device: str = "auto", seed: int = 0, k: int | None = None,
-                   temperature: float = 1.0, top_p: float = 0.7, max_new_tokens: int = 4096,
+                   temperature: float = 1.0, top_p: float = 0.7,
+                   max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
                    template: str | None = None, batch_size: int = 64, limit: int | None = None,
                    data_dir: str | None = None, engine_name: str = "hf",
                    dtype: str | None = None, gpu_memory_utilization: float | None = None,
-                   progress: bool = False) -> list[EvalResult]:
-    """The paper's protocol on a model: each benchmark with its k and template unless given.
+                   progress: bool = False, clean: bool = False) -> list[EvalResult]:
+    """The paper's protocol on a model: each benchmark with its k and template unless given,
+    as published (``clean``: as a training run loads its sets, :func:`nftune.data.clean_questions`).
     ``engine_name`` "vllm" generates with vLLM (:class:`nftune.rollout.VLLMEngine`, the model's
     own dtype, ``gpu_memory_utilization`` of the card, default 0.9) and never loads the model
     into torch; ``dtype`` (float32 | bfloat16) is the Hugging Face engine's (default float32)."""
@@ -381,7 +384,7 @@ def evaluate_model(model_path: str, benchmarks: list[str], verifier: Verifier, *
     model, tokenizer = getattr(engine, "model", None), engine.tokenizer
     results = []
     for name in benchmarks:
-        qs = load_questions(name, data_dir=data_dir, clean=False, limit=limit)
+        qs = load_questions(name, data_dir=data_dir, clean=clean, limit=limit)
         results.append(evaluate_questions(
             model, tokenizer, qs.questions, name=Path(name).stem,
             k=benchmark_k(name, k, temperature),

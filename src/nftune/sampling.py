@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+# nftune eval's answer budget unless given (the nft-paper protocol's context)
+EVAL_MAX_NEW_TOKENS = 4096
+
 
 def is_greedy(temperature: float) -> bool:
     """Temperature 0 means greedy decoding: the most likely token at every step."""
