@@ -10,6 +10,7 @@ fails there instead of skipping."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -478,26 +479,125 @@ def test_recipe_warmup_is_stated_in_optimizer_steps_for_nftune_train(tmp_path, m
     assert "optimizer steps" in help_text and f"= {in_optimizer_steps}" in help_text
 
 
-def test_gpu_smoke_launch_is_a_valid_two_step_run_of_the_recipe(tmp_path, monkeypatch):
-    """examples/verl/smoke_2_steps.sh: the recipe with its overrides composes, passes verl's
-    own validation for one GPU, and runs 2 rollout steps of 2 optimizer steps each."""
-    import re
+# a stand-in for the install's Python at the scripts' one boundary: it records each call's
+# arguments and, as verl's entry point, prints what $STUB_SAYS and writes $STUB_WRITES
+STUB_PYTHON = """#!/usr/bin/env bash
+if [ "$1" = "-c" ]; then exit 0; fi  # the scripts' import check
+n=$(ls "$STUB_CALLS" | wc -l)
+printf '%s\\n' "$PWD" "$PATH" "$@" > "$STUB_CALLS/$n"
+if [ "$2" = "verl.trainer.main_ppo" ]; then
+    printf '%s\\n' "$STUB_SAYS"
+    if [ -n "$STUB_WRITES" ]; then mkdir -p "$STUB_WRITES"; fi
+fi
+"""
 
+
+def _launch(script: str, tmp_path, says: str = "", writes: str = "", python=None):
+    """Run examples/verl/SCRIPT as a user would, its Python the stub (or ``python``); returns
+    the finished process and each recorded call's argv (without the interpreter)."""
+    stub = tmp_path / "bin" / "python"
+    stub.parent.mkdir(exist_ok=True)
+    stub.write_text(STUB_PYTHON)
+    stub.chmod(0o755)
+    calls = tmp_path / "calls"
+    shutil.rmtree(calls, ignore_errors=True)
+    calls.mkdir()
+    env = {**os.environ, "NFTUNE_PYTHON": str(python or stub), "STUB_CALLS": str(calls),
+           "STUB_SAYS": says, "STUB_WRITES": writes}
+    done = subprocess.run(["bash", str(EXAMPLES / script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    recorded = [(calls / str(i)).read_text().splitlines()
+                for i in range(len(list(calls.iterdir())))]
+    return done, recorded
+
+
+def _compose_as_launched(argv: list[str], tmp_path, monkeypatch):
+    """verl's `main_ppo --config-path P --config-name N overrides...`, composed as Hydra would
+    from exactly those arguments."""
+    from hydra import compose, initialize_config_dir
+
+    assert argv[:2] == ["-m", "verl.trainer.main_ppo"]
+    assert argv[2] == "--config-path" and argv[4] == "--config-name"
+    monkeypatch.setenv("NFTUNE_VERL_DATA", str(tmp_path))
+    with initialize_config_dir(config_dir=argv[3], version_base=None):
+        return compose(config_name=argv[5], overrides=argv[6:])
+
+
+def test_smoke_launch_runs_the_recipe_validates_once_and_fails_without_metrics(
+        tmp_path, monkeypatch):
+    """examples/verl/smoke_2_steps.sh, run as written up to the Python it launches: the data
+    command parses, verl gets the recipe with overrides that make a valid one-GPU, 2-step run
+    validating after the last step; the run passes only with validation metrics and the
+    step-2 checkpoint."""
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
 
-    script = (EXAMPLES / "smoke_2_steps.sh").read_text()
-    overrides = re.findall(r"^\s+([\w.]+)=(\S+) \\$", script, flags=re.M)
-    overrides = [f"{k}={v.strip(chr(34))}" for k, v in overrides]
-    overrides = [re.sub(r"\$\{NFTUNE_SMOKE_MODEL:-([^}]+)\}", r"\1", o) for o in overrides]
-    assert "--config-name nft_qwen2.5_math_7b" in script and "--if-changed" in script
-    cfg = _recipe(tmp_path, monkeypatch, overrides)
+    from nftune.cli import build_parser
+
+    checkpoint = "checkpoints/nftune/nft-smoke-2-steps/global_step_2"
+    # what verl's pprint prints: the metrics, wrapped over lines
+    metrics = ("('Final validation metrics: {'\n "
+               "\"'val-core/math500/reward/mean@1': 0.25}\")")
+    done, calls = _launch("smoke_2_steps.sh", tmp_path, says=metrics, writes=checkpoint)
+    assert done.returncode == 0 and "smoke: passed" in done.stdout, done.stderr
+    (data_cwd, data_path, *data), (_, ppo_path, *ppo) = calls
+    assert ppo_path.split(":")[0] == str(tmp_path / "bin")  # the install's Python first on PATH
+    assert data[:2] == ["-m", "nftune"]
+    build_parser().parse_args(data[2:])  # nftune's own parser takes the data command
+    cfg = _compose_as_launched(ppo, tmp_path, monkeypatch)
     validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg),
                     use_critic=need_critic(cfg))
     actor = cfg.actor_rollout_ref.actor
     assert cfg.actor_rollout_ref.model.path == "Qwen/Qwen2.5-Math-1.5B"
     assert cfg.trainer.n_gpus_per_node * cfg.trainer.nnodes == 1
     assert cfg.trainer.total_training_steps == 2 and cfg.trainer.save_freq == 2
+    # validation once, after the last step (verl validates at the last step when test_freq > 0)
+    assert not cfg.trainer.val_before_train and 0 < cfg.trainer.test_freq <= 2
     assert cfg.data.train_batch_size // actor.ppo_mini_batch_size == 2
     assert actor.policy_loss.loss_mode == "nft" and cfg.algorithm.adv_estimator == "nft"
     assert cfg.algorithm.filter_groups.enable  # the recipe's dynamic sampling, unchanged
+    # no metrics (validation off), or no checkpoint: the smoke run fails, saying which
+    for where, says, writes, message in (
+            ("off", "Final validation metrics: None", checkpoint, "no validation metrics"),
+            ("unsaved", metrics, "", "no checkpoint")):
+        (tmp_path / where).mkdir()
+        done, _ = _launch("smoke_2_steps.sh", tmp_path / where, says=says, writes=writes)
+        assert done.returncode == 1 and message in done.stderr, done.stderr
+
+
+def test_launch_scripts_name_the_python_without_nftune_and_verl(tmp_path):
+    """A Python without the install (the system's) stops the launch at once, saying how to
+    install; no data is written, nothing launched."""
+    for script in ("smoke_2_steps.sh", "run_nft_qwen2.5_math_7b.sh"):
+        done, calls = _launch(script, tmp_path, python="/usr/bin/python3")
+        assert done.returncode == 1 and calls == []
+        assert "cannot import nftune and verl" in done.stderr and ".[verl]" in done.stderr
+
+
+def test_full_recipe_launch_composes_for_several_nodes(tmp_path, monkeypatch):
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    monkeypatch.setenv("NNODES", "4")
+    done, calls = _launch("run_nft_qwen2.5_math_7b.sh", tmp_path)
+    assert done.returncode == 0, done.stderr
+    cfg = _compose_as_launched(calls[1][2:], tmp_path, monkeypatch)
+    validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg),
+                    use_critic=need_critic(cfg))
+    assert cfg.trainer.nnodes == 4 and cfg.trainer.n_gpus_per_node == 8
+
+
+def test_recipe_attention_is_what_the_verl_extra_installs():
+    """verl's default attention (flash_attention_2) needs flash-attn, which the `verl` extra
+    does not install: the recipe must choose one that runs without it, or the extra bring it."""
+    from importlib.metadata import requires
+
+    from omegaconf import OmegaConf
+
+    recipe = OmegaConf.load(EXAMPLES / "nft_qwen2.5_math_7b.yaml").actor_rollout_ref.model
+    attention = recipe.get("override_config", {}).get("attn_implementation",
+                                                      "flash_attention_2")
+    extra = [r for r in requires("nftune") if 'extra == "verl"' in r]
+    assert extra  # the installed nftune's own metadata
+    flash = attention.startswith("flash_attention") or recipe.use_remove_padding
+    assert not flash or any("flash-attn" in d or "fsdp" in d for d in extra), (attention, extra)

@@ -34,11 +34,9 @@ def recipe_config(model_dir: str, loss_mode: str, batch: dict):
         f"actor_rollout_ref.rollout.n={batch['k']}",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={batch['questions'] // 2}",
         f"actor_rollout_ref.actor.optim.lr={batch['lr']}",
-        # CPU: FSDP2 (FSDP1 needs CUDA parameters), no flash-attention (sdpa, padded rows),
-        # float32 compute (verl's default bf16 would not compare to float tolerance)
+        # CPU: FSDP2 (FSDP1 needs CUDA parameters), float32 compute (verl's default bf16 would
+        # not compare to float tolerance); attention is the recipe's own (sdpa, padded rows)
         "actor_rollout_ref.actor.strategy=fsdp2",
-        "actor_rollout_ref.model.use_remove_padding=false",
-        "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
         "+actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp32",
         # several micro-batches per rank: the token budget is small on purpose
         f"actor_rollout_ref.actor.ppo_max_token_len_per_gpu={batch['micro_tokens']}",
