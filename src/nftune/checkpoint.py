@@ -274,7 +274,7 @@ SAMPLE_BYTES = 1 << 20  # of a larger one: its size and 17 windows of this size
 def content_digest(path: Path) -> str:
     """SHA-256 of a file, whole up to 64 MiB; of a larger one (weights) its size, its first
     MiB (a safetensors header names every tensor) and 16 more evenly spaced 1 MiB windows
-    (16 ms for 1 GiB, 50 times less than whole), and a fine-tune changes every window."""
+    (timings in docs/training.md); a fine-tune changes every window."""
     size = path.stat().st_size
     if size <= WHOLE_FILE_BYTES:
         return sha256_file(path)
