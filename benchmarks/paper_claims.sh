@@ -7,14 +7,18 @@
 # minutes on a 2-core CPU; the parts can run on different days.
 # The "pilot" part runs 3x longer (240 steps): NFT and RFT on arithmetic (seeds 0-1) and on
 # Countdown (seed 0), to show whether the 80-step curves have flattened.
+# The "*16" parts are the paper's off-policy regime: 16 mini-batches (optimizer steps) per
+# rollout, lr 3e-5 for every objective (from the "lr16" pilot: NFT seed 0 at 1.5e-4 and 3e-5).
 #   bash benchmarks/paper_claims.sh [OUT_DIR] [PART...]
-#   parts: arithmetic countdown omega eps pilot (default: all but pilot)
+#   parts: arithmetic countdown omega eps pilot lr16 arithmetic16 countdown16 eps16
+#   (default: arithmetic countdown omega eps arithmetic16 countdown16 eps16)
 set -euo pipefail
 out=${1:-runs/paper-claims}
 shift || true
-parts=${*:-arithmetic countdown omega eps}
+parts=${*:-arithmetic countdown omega eps arithmetic16 countdown16 eps16}
 steps=80  # 2x the former 40; the curves in the report show whether they have flattened
 common=(--steps "$steps" --no-progress --resume)
+regime16=(--minibatches 16 --lr 3e-5 --eval_every 10)  # off-policy; a finer curve
 for part in $parts; do
   case $part in
     arithmetic) nftune compare --task arithmetic --algos nft,rft,dapo,grpo --seeds 5 \
@@ -30,6 +34,15 @@ for part in $parts; do
                 # one seed: a 240-step Countdown run takes ~25-30 min (refills grow late on)
                 nftune compare --task countdown --algos nft,rft --seeds 1 --steps 240 \
                   --no-progress --resume --output-dir "$out/pilot-countdown" ;;
-    *) echo "unknown part: $part (arithmetic countdown omega eps pilot)" >&2; exit 2 ;;
+    lr16)       nftune compare --task arithmetic --algos nft --sweep lr=1.5e-4,3e-5 --seeds 1 \
+                  --minibatches 16 --output-dir "$out/lr16" "${common[@]}" ;;
+    arithmetic16) nftune compare --task arithmetic --algos nft,rft,dapo,grpo --seeds 5 \
+                  --output-dir "$out/arithmetic16" "${common[@]}" "${regime16[@]}" ;;
+    countdown16) nftune compare --task countdown --algos nft,rft,dapo,grpo --seeds 5 \
+                  --output-dir "$out/countdown16" "${common[@]}" "${regime16[@]}" ;;
+    eps16)      nftune compare --task arithmetic --algos nft --sweep eps=1.0,0.5,0.1 \
+                  --seeds 3 --output-dir "$out/eps16" "${common[@]}" "${regime16[@]}" ;;
+    *) echo "unknown part: $part (arithmetic countdown omega eps pilot lr16 arithmetic16" \
+            "countdown16 eps16)" >&2; exit 2 ;;
   esac
 done

@@ -60,7 +60,22 @@ def test_compare_runs_reports_and_resumes(tiny_base, arithmetic_files, tmp_path)
     assert trained("nft") and trained("rft")
     assert all(0 < m["grad_share_wrong"] < 1 for m in trained("nft"))  # NFT learns from them
     assert all(m["grad_share_wrong"] == 0 for m in trained("rft"))  # RFT drops them
+    # the curve set is the final set here: step 0 of every curve is the base's accuracy
+    assert abs(result["base_curve_accuracy"] - base["sampled"]["accuracy"]) < 1e-12
+    start = base["sampled"]["accuracy"]
+    for algo, members in result["runs"].items():
+        for m in members:
+            points = [(r["step"], r[m["eval_key"]]) for r in m["metrics"] if m["eval_key"] in r]
+            assert [t for t, _ in points] == [1, 2]  # eval_every 1, two steps
+            (_, a1), (_, a2) = points  # trapezoids over [0, 1] and [1, 2], divided by 2 steps
+            assert abs(m["curve_area"] - ((start + a1) / 2 + (a1 + a2) / 2) / 2) < 1e-12
+            clipped = [r["clip_fraction"] for r in m["metrics"] if "clip_fraction" in r]
+            if algo == "rft":  # RFT trains on no wrong answer: nothing of theirs is clipped
+                assert all(c == 0 for c in clipped)
+            if clipped:
+                assert abs(m["clip_fraction"] - sum(clipped) / len(clipped)) < 1e-12
     table = (out / "results.md").read_text()
+    assert "Learning speed on the held-out curve" in table
     assert "| base model |" in table and "| nft |" in table and "| nft − rft |" in table
     assert "nft ≥ RFT" in table and "Compute: 4 runs" in table
     assert (out / "curves.png").stat().st_size > 10_000
@@ -97,6 +112,36 @@ def test_confidence_intervals_bins_and_verdicts_by_hand():
     assert _verdict([-0.05, -0.01]) == "not supported"
     assert _verdict([-0.01, 0.02]).startswith("inconclusive")
     assert _verdict([-0.015, 0.02], -0.02) == "supported"  # "close to": within 2 points
+
+
+def test_learning_speed_by_hand(tmp_path):
+    from nftune.compare import _speed_verdict, curve_area, curve_base_accuracy, steps_to_gain
+
+    # from (0, .2): trapezoids 10 · (.2 + .4) / 2 = 3 and 10 · (.4 + .6) / 2 = 5 over 20 steps
+    assert abs(curve_area([(10, 0.4), (20, 0.6)], 0.2) - 0.4) < 1e-12
+    assert abs(curve_area([(20, 0.6), (10, 0.4)]) - 0.5) < 1e-12  # no base: from the first
+    # final = mean(.6, .6) = .6, gain .4 → target .56, crossed between steps 10 (.4) and 20 (.6)
+    assert abs(steps_to_gain([(10, 0.4), (20, 0.6), (30, 0.6)], 0.2) - 18.0) < 1e-12
+    assert abs(steps_to_gain([(10, 0.7), (20, 0.6), (30, 0.6)], 0.2) - 10 * 0.36 / 0.5) < 1e-12
+    nan = float("nan")
+    assert steps_to_gain([(10, 0.1), (20, 0.1)], 0.2) != steps_to_gain([], 0.2)  # NaN ≠ NaN
+    assert steps_to_gain([(10, 0.4)], nan) != steps_to_gain([(10, 0.4)], nan)
+    # fewer steps is better: the reference's difference CI wholly below 0 supports "faster"
+    assert _speed_verdict({"mean": -5.0, "ci": [-8.0, -2.0]}) == "supported"
+    assert _speed_verdict({"mean": 5.0, "ci": [2.0, 8.0]}) == "not supported"
+
+    rows = [f'{{"problem": "{i}", "answer": "{i}"}}' for i in range(4)]
+    (tmp_path / "test.jsonl").write_text("\n".join(rows) + "\n")
+    (tmp_path / "curve.jsonl").write_text("\n".join(rows[:2]) + "\n")
+    (tmp_path / "other.jsonl").write_text("\n".join(rows[1:3]) + "\n")
+    base = {"sampled": {"per_question": [0.5, 0.25, 1.0, 1.0]}}
+    plan = {"base": {"eval_data": "elsewhere/curve.jsonl"},  # found beside plan.json
+            "final_eval": {"eval_data": str(tmp_path / "test.jsonl")}}
+    assert curve_base_accuracy(plan, base, tmp_path) == 0.375  # the first two questions
+    plan["base"]["eval_data"] = str(tmp_path / "other.jsonl")  # not test's head: unknown
+    assert curve_base_accuracy(plan, base, tmp_path) != curve_base_accuracy(plan, base, tmp_path)
+    assert curve_base_accuracy({"base": {"eval_data": str(tmp_path / "test.jsonl")}}, base,
+                               tmp_path) == 0.6875  # no final set: the curve set is it
 
 
 def test_sweep_labels_and_bad_algo(tiny_base, arithmetic_files, tmp_path):

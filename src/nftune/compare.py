@@ -14,6 +14,7 @@ import json
 import math
 import statistics
 import time
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +222,62 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def curve_area(points: list[tuple[int, float]], start: float = math.nan) -> float:
+    """Mean held-out accuracy along training: the trapezoid area under the curve divided by
+    the steps it spans, from (0, ``start``) when the base's accuracy on the curve set is known,
+    else from the first point. Higher = more accuracy earlier *and/or* a higher level."""
+    pts = ([(0, start)] if start == start else []) + sorted(points)
+    if len(pts) < 2:
+        return pts[0][1] if pts else math.nan
+    area = sum((t1 - t0) * (a0 + a1) / 2 for (t0, a0), (t1, a1) in pairwise(pts))
+    return area / (pts[-1][0] - pts[0][0])
+
+
+def steps_to_gain(points: list[tuple[int, float]], start: float, share: float = 0.9,
+                  tail: int = 2) -> float:
+    """Rollout steps until the curve first reaches ``start`` + ``share`` × the final gain
+    (final = the mean of the last ``tail`` points, which damps one noisy last point), linearly
+    interpolated from (0, ``start``). NaN without ``start`` or without a gain. Fewer = faster,
+    whatever the level reached."""
+    pts = sorted(points)
+    if start != start or not pts:
+        return math.nan
+    final = statistics.mean(a for _, a in pts[-tail:])
+    if final <= start:
+        return math.nan
+    target = start + share * (final - start)
+    prev_t, prev_a = 0, start
+    for t, a in pts:
+        if a >= target:
+            return prev_t + (t - prev_t) * (target - prev_a) / (a - prev_a)
+        prev_t, prev_a = t, a
+    return float(pts[-1][0])  # only the smoothed final reaches it
+
+
+def _jsonl_lines(name: str, out: Path) -> list[str] | None:
+    for path in (Path(name), out / Path(name).name):
+        if path.is_file():
+            return [line for line in path.read_text().splitlines() if line.strip()]
+    return None
+
+
+def curve_base_accuracy(plan: dict[str, Any], base_eval: dict[str, Any] | None,
+                        out: Path) -> float:
+    """The base's accuracy on the curve set (step 0 of every run's curve), from its final
+    evaluation's per-question rates: defined when the curve set is one file whose rows are
+    the first rows of the final evaluation's (the demo's curve.jsonl is test.jsonl's head),
+    else NaN."""
+    curve_name = str(plan["base"].get("eval_data") or "")
+    final_name = str((plan.get("final_eval") or {}).get("eval_data") or curve_name)
+    if not base_eval or "," in curve_name or "," in final_name:
+        return math.nan
+    rates = base_eval["sampled"]["per_question"]
+    curve, final = _jsonl_lines(curve_name, out), _jsonl_lines(final_name, out)
+    if not curve or final is None or final[:len(curve)] != curve or len(rates) < len(curve):
+        return math.nan
+    return statistics.mean(rates[:len(curve)])
+
+
 def difficulty_bins(base_eval: dict[str, Any]) -> dict[str, list[int]]:
     """Question indices per difficulty bin, by the base's accuracy in its BIN_SEED samples
     (the first evaluation's if there is no second)."""
@@ -267,13 +324,17 @@ def _read_run(out: Path, run: dict[str, Any], bins: dict[str, list[int]]) -> dic
         greedy, by_bin = math.nan, {name: math.nan for name in [*bins, "rest"]}
     entropy = [r["entropy"] for r in rows if r.get("entropy") == r.get("entropy")
                and "entropy" in r]
+    curve = [(r["step"], r[key]) for r in rows if key and key in r]
+    clip = [r["clip_fraction"] for r in rows if "clip_fraction" in r]
     spent = json.loads((run_dir / "compute.json").read_text()) \
         if (run_dir / "compute.json").exists() else {}
     return {"seed": run["seed"], "final_accuracy": sampled, "greedy_accuracy": greedy,
             "by_difficulty": by_bin, "eval_key": key, "metrics": rows,
             "late_reward": _last_mean(rows, "reward_mean"),
             "entropy_change": entropy[-1] - entropy[0] if entropy else math.nan,
-            "late_entropy": _last_mean(rows, "entropy"),
+            "late_entropy": _last_mean(rows, "entropy"), "curve": curve,
+            # share of wrong answers' tokens where the objective's clip acts, mean over steps
+            "clip_fraction": statistics.mean(clip) if clip else math.nan,
             "grad_share_wrong": _mean_std([r["grad_share_wrong"] for r in rows
                                            if "grad_share_wrong" in r])[0],
             "seconds": spent.get("train_s", sum(r.get("time_step_s", 0.0) for r in rows))
@@ -304,9 +365,12 @@ def build_report(output_dir: str | Path) -> dict[str, Any]:
     bins = difficulty_bins(base_eval) if base_eval else {name: [] for name, _, _ in BINS}
     groups: dict[str, list[dict[str, Any]]] = {}
     algo_of: dict[str, str] = {}
+    start = curve_base_accuracy(plan, base_eval, out)
     for run in plan["runs"]:
         member = _read_run(out, run, bins)
         if member is not None:
+            member["curve_area"] = curve_area(member["curve"], start)
+            member["steps_to_90"] = steps_to_gain(member["curve"], start)
             groups.setdefault(run["label"], []).append(member)
             algo_of[run["label"]] = run["algo"]
     summary = {}
@@ -321,6 +385,9 @@ def build_report(output_dir: str | Path) -> dict[str, Any]:
             "late_reward_mean_std": _mean_std([m["late_reward"] for m in members]),
             "entropy_change_mean_std": _mean_std([m["entropy_change"] for m in members]),
             "grad_share_wrong_mean_std": _mean_std([m["grad_share_wrong"] for m in members]),
+            "clip_fraction_mean_std": _mean_std([m["clip_fraction"] for m in members]),
+            "curve_area_mean_ci": mean_ci([m["curve_area"] for m in members]),
+            "steps_to_90_mean_ci": mean_ci([m["steps_to_90"] for m in members]),
             "by_difficulty": {name: mean_ci([m["by_difficulty"][name] for m in members])
                               for name in [*bins, "rest"]}}
     labels = list(groups)
@@ -333,6 +400,8 @@ def build_report(output_dir: str | Path) -> dict[str, Any]:
                 "sampled": _paired(ref, other, lambda m: m["final_accuracy"]),
                 "greedy": _paired(ref, other, lambda m: m["greedy_accuracy"]),
                 "late_entropy": _paired(ref, other, lambda m: m["late_entropy"]),
+                "curve_area": _paired(ref, other, lambda m: m["curve_area"]),
+                "steps_to_90": _paired(ref, other, lambda m: m["steps_to_90"]),
                 # how much more the reference gains on hard questions than on the others,
                 # relative to this label
                 "hard_minus_rest": _paired(
@@ -344,6 +413,7 @@ def build_report(output_dir: str | Path) -> dict[str, Any]:
     result = {"base": {k: v for k, v in (base_eval or {}).items()
                        if k.startswith(("sampled", "greedy"))},  # the bins' evaluation too
               "base_accuracy": base_eval["sampled"]["accuracy"] if base_eval else None,
+              "base_curve_accuracy": start,
               "bins": {name: len(rows) for name, rows in bins.items()},
               "reference": labels[0] if labels else None, "summary": summary,
               "paired": paired, "verdicts": verdicts(summary, paired),
@@ -403,7 +473,23 @@ def verdicts(summary: dict[str, Any], paired: dict[str, Any]) -> list[str]:
             out.append(f"{ref} vs {label}: {ref} − {label} sampled "
                        f"{ci_text(d['sampled'])} points → {ref} better: "
                        f"{_verdict(d['sampled']['ci'])}.")
+    for label, d in paired.items():  # speed, apart from the level above
+        area, t90 = d.get("curve_area"), d.get("steps_to_90")
+        if area is None or area["mean"] != area["mean"]:
+            continue
+        line = (f"{ref} learns faster than {label}: fewer steps to 90% of its own final gain "
+                f"{_speed_verdict(t90)}")
+        if t90["mean"] == t90["mean"]:
+            line += f" — {ref} − {label} {ci_text(t90, 1, 0)} steps"
+        out.append(line + f"; area under the held-out curve {ci_text(area)} points.")
     return out
+
+
+def _speed_verdict(d: dict[str, Any]) -> str:
+    """``_verdict`` for a difference in steps, where fewer is better."""
+    if d["mean"] != d["mean"]:
+        return "not measurable (no base accuracy on the curve set, or no gain)"
+    return _verdict([-d["ci"][1], -d["ci"][0]])
 
 
 def _fmt_ci(mci, scale: float = 100) -> str:
@@ -442,6 +528,31 @@ def _report(result: dict[str, Any]) -> str:
             lines.append(f"| {ref} − {label} | {per_seed} | "
                          f"{_fmt_ci([d['sampled']['mean'], *d['sampled']['ci']])} | "
                          f"{_fmt_ci([d['greedy']['mean'], *d['greedy']['ci']])} |")
+    if any(s["curve_area_mean_ci"][0] == s["curve_area_mean_ci"][0] for s in summary.values()):
+        start = result.get("base_curve_accuracy", math.nan)
+        lines += ["", "Learning speed on the held-out curve (from step 0 = the base's "
+                  + (f"{100 * start:.1f}% on the curve set" if start == start else
+                     "accuracy, unknown here: from the first point")
+                  + "), mean [95% CI] over seeds, and the clip's reach:", "",
+                  "| algorithm | area under the curve (mean accuracy over training) | steps to "
+                  "90% of the final gain | clip active (share of wrong answers' tokens) |",
+                  "|---|---|---|---|"]
+        for label, s in summary.items():
+            cm, csd = s["clip_fraction_mean_std"]
+            clip = f"{100 * cm:.2f}% ± {100 * csd:.2f}" if cm == cm else "–"
+            lines.append(f"| {label} | {_fmt_ci(s['curve_area_mean_ci'])} | "
+                         f"{_fmt_ci(s['steps_to_90_mean_ci'], 1)} | {clip} |")
+        if paired:
+            lines += ["", f"Paired, {ref} minus each (area: points; steps: fewer = faster):", "",
+                      "| comparison | area per seed | area mean [95% CI] | steps to 90% mean "
+                      "[95% CI] |", "|---|---|---|---|"]
+            for label, d in paired.items():
+                per_seed = ", ".join(f"{100 * v:+.1f}"
+                                     for v in d["curve_area"]["per_seed"].values())
+                t90 = d["steps_to_90"]
+                lines.append(f"| {ref} − {label} | {per_seed} | "
+                             f"{_fmt_ci([d['curve_area']['mean'], *d['curve_area']['ci']])} | "
+                             f"{_fmt_ci([t90['mean'], *t90['ci']], 1)} |")
     if base and any(result["bins"].values()):
         names = [*result["bins"], "rest"]
         counts = {**result["bins"], "rest": sum(result["bins"].values())
