@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 from helpers import run_cli, tiny_run_values
 
@@ -153,3 +154,49 @@ def test_sweep_labels_and_bad_algo(tiny_base, arithmetic_files, tmp_path):
     done = compare("--algos", "nft,ppo", "--config", str(tmp_path / "missing.yaml"))
     # the unknown algorithm is named before any file is read
     assert done.returncode == 2 and "--algos: unknown ['ppo']" in done.stderr
+
+
+def test_more_steps_on_resume_extend_a_comparison(tiny_base, arithmetic_files, tmp_path):
+    """A finished comparison with more --steps trains each run on from its last checkpoint:
+    with a constant learning rate the result is the run trained that long from the start."""
+    from helpers import same_runs
+
+    values = tiny_run_values(tiny_base, arithmetic_files, steps=2, save_every=1,
+                             keep_checkpoints=1, eval_every=1, eval_k=2,
+                             eval_data=str(arithmetic_files["test"]), eval_temperature=1.0,
+                             max_gen_batches=2)
+    config = tmp_path / "shared.yaml"
+    config.write_text(yaml.safe_dump(values))
+    out = tmp_path / "cmp"
+    args = ("--config", str(config), "--algos", "nft", "--seeds", "1", "--output-dir",
+            str(out), "--no-progress")
+    assert compare(*args).returncode == 0
+    run = out / "runs" / "nft-seed0"
+    short_eval = json.loads((run / "final_eval.json").read_text())
+    longer = compare(*args, "--resume", "--steps", "4")
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert "from 2 to 4 steps" in longer.stdout
+    assert "resumed from" in (run / "train.log").read_text()  # not started over
+    # the 2-step model's evaluation is kept beside the 4-step one's
+    assert json.loads((run / "final_eval.step2.json").read_text()) == short_eval
+    assert (run / "final_eval.json").exists()
+    # the second method: the same run trained 4 steps in one go
+    direct = tmp_path / "direct.yaml"
+    direct.write_text(yaml.safe_dump({**values, "steps": 4, "algo": "nft", "seed": 0,
+                                      "output_dir": str(tmp_path / "direct")}))
+    assert run_cli("train", "--config", str(direct), "--no-progress").returncode == 0
+
+    def rows(path):
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    extended = rows(run / "metrics.jsonl")
+    assert [r["step"] for r in extended] == [1, 2, 3, 4]
+    assert same_runs(extended, rows(tmp_path / "direct" / "metrics.jsonl"))
+    assert compare(*args, "--resume", "--steps", "4").stdout.count("skip ") == 1
+    fewer = compare(*args, "--resume", "--steps", "3")
+    assert fewer.returncode == 2 and "never shortened" in fewer.stderr
+    from nftune.compare import check_extension
+
+    with pytest.raises(ValueError, match="only with lr_schedule constant"):
+        check_extension({"steps": 2, "lr_schedule": "cosine"},
+                        {"steps": 4, "lr_schedule": "cosine"}, out)

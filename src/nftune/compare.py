@@ -6,6 +6,8 @@ the gradient share of wrong answers).
 
 Runs live in ``<output>/runs/<name>-seed<s>/``; a run with ``final/`` is skipped, a run with
 checkpoints is resumed, so an interrupted comparison picks up where it stopped (``--resume``).
+``--resume`` with more ``--steps`` extends a finished comparison (constant learning rate only):
+each run trains on from its last checkpoint, its shorter final evaluation kept beside.
 """
 
 from __future__ import annotations
@@ -101,7 +103,9 @@ def run_comparison(base: dict[str, Any], algos: list[str], seeds: list[int], out
         changed = sorted(k for k in set(held["base"]) | set(base)
                          if str(held["base"].get(k)) != str(base.get(k)))
         changed += ["final_eval"] if held.get("final_eval", {}) != final_eval else []
-        if changed:
+        if changed == ["steps"]:
+            check_extension(held["base"], base, out)
+        elif changed:
             raise ValueError(f"{out}: --resume with other shared settings ({', '.join(changed)})"
                              "; runs would not be comparable: use another --output-dir")
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -117,19 +121,50 @@ def run_comparison(base: dict[str, Any], algos: list[str], seeds: list[int], out
           f"{100 * base_eval['greedy']['accuracy']:.1f} greedy")
     for run, cfg in zip(runs, configs, strict=True):
         run_dir = Path(cfg.output_dir)
-        if (run_dir / "final" / "model.safetensors").exists():
+        trained = final_steps(run_dir)
+        if trained == cfg.steps:
             print(f"skip {run['dir']}: finished")
         else:
-            print(f"run {run['dir']}")
+            extend = trained is not None  # finished at fewer steps: train on to cfg.steps
+            print(f"run {run['dir']}" + (f": from {trained} to {cfg.steps} steps" if extend
+                                          else ""))
+            if extend and (run_dir / "final_eval.json").exists():  # the shorter run's, kept
+                (run_dir / "final_eval.json").replace(run_dir / f"final_eval.step{trained}.json")
             # continue from a checkpoint if the run left one, else start it over
             resume_run = (run_dir / "checkpoints").exists()
             started = time.perf_counter()
-            train(cfg, resume=resume_run, overwrite=not resume_run, progress=progress)
+            train(cfg, resume=resume_run, overwrite=not resume_run, progress=progress,
+                  allow_changes=extend)
             _add_seconds(run_dir, "train_s", time.perf_counter() - started)
         evaluate_final(str(run_dir / "final"), build_config(None, {**cfg.to_dict(),
                                                                    **final_eval}),
                        run_dir / "final_eval.json")
     return build_report(out)
+
+
+def check_extension(held: dict[str, Any], base: dict[str, Any], out: Path) -> None:
+    """``--resume`` with more ``--steps`` extends a comparison: each finished run trains on
+    from its last checkpoint. Only with a constant learning rate after warm-up, where the
+    first steps of a longer run are the shorter run's; raises ValueError otherwise."""
+    before, after = int(held["steps"]), int(base["steps"])
+    schedule = base.get("lr_schedule") or TrainConfig.lr_schedule
+    if after < before:
+        raise ValueError(f"{out}: --steps {after} is fewer than the comparison's {before}; "
+                         "a comparison is extended, never shortened: use another --output-dir")
+    if schedule != "constant":
+        raise ValueError(f"{out}: --steps {before} → {after} extends a comparison only with "
+                         f"lr_schedule constant (this one is {schedule!r}: a longer schedule "
+                         "changes every step's learning rate): use another --output-dir")
+
+
+def final_steps(run_dir: Path) -> int | None:
+    """How many steps the run's ``final/`` model was trained for (None: no final model)."""
+    import yaml
+
+    final = run_dir / "final"
+    if not (final / "model.safetensors").exists():
+        return None
+    return int(yaml.safe_load((final / "nftune_config.yaml").read_text())["steps"])
 
 
 def check_output_dir(out: Path, resume: bool) -> None:
