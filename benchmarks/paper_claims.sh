@@ -10,8 +10,11 @@
 # The "*16" parts are the paper's off-policy regime: 16 mini-batches (optimizer steps) per
 # rollout, lr 3e-5 for every objective (from the "lr16" pilot: NFT seed 0 at 1.5e-4 and 3e-5);
 # arithmetic16 then extends its 80-step runs to 160 steps (`compare --resume --steps 160`).
+# "long16" asks where the leader's curve flattens: NFT and RFT on arithmetic (5 seeds) in
+# the same regime, 160 steps, then on to 240 and 320 (each length's report kept as
+# results.stepN.md; a stage ends with every run at that length, so a cut loses little).
 #   bash benchmarks/paper_claims.sh [OUT_DIR] [PART...]
-#   parts: arithmetic countdown omega eps pilot lr16 arithmetic16 countdown16 eps16
+#   parts: arithmetic countdown omega eps pilot lr16 arithmetic16 countdown16 eps16 long16
 #   (default: arithmetic countdown omega eps arithmetic16 countdown16 eps16)
 set -euo pipefail
 out=${1:-runs/paper-claims}
@@ -46,9 +49,17 @@ for part in $parts; do
                   nftune compare "${a16[@]}" --steps 160 ;;
     countdown16) nftune compare --task countdown --algos nft,rft,dapo,grpo --seeds 5 \
                   --output-dir "$out/countdown16" "${common[@]}" "${regime16[@]}" ;;
+    long16)     l16=(--task arithmetic --algos nft,rft --seeds 5 --no-progress --resume
+                     --output-dir "$out/long16" "${regime16[@]}")
+                for n in 160 240 320; do
+                  [ -e "$out/long16/results.step$n.md" ] && continue
+                  nftune compare "${l16[@]}" --steps "$n"
+                  cp "$out/long16/results.md" "$out/long16/results.step$n.md"
+                  cp "$out/long16/results.json" "$out/long16/results.step$n.json"
+                done ;;
     eps16)      nftune compare --task arithmetic --algos nft --sweep eps=1.0,0.5,0.1 \
                   --seeds 3 --output-dir "$out/eps16" "${common[@]}" "${regime16[@]}" ;;
     *) echo "unknown part: $part (arithmetic countdown omega eps pilot lr16 arithmetic16" \
-            "countdown16 eps16)" >&2; exit 2 ;;
+            "countdown16 eps16 long16)" >&2; exit 2 ;;
   esac
 done

@@ -1,6 +1,7 @@
 """`nftune compare` on a tiny model: table, plots, JSON, skipping finished runs, --report."""
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -200,3 +201,29 @@ def test_more_steps_on_resume_extend_a_comparison(tiny_base, arithmetic_files, t
     with pytest.raises(ValueError, match="only with lr_schedule constant"):
         check_extension({"steps": 2, "lr_schedule": "cosine"},
                         {"steps": 4, "lr_schedule": "cosine"}, out)
+
+
+def test_a_run_cut_before_its_final_model_is_extended_too(tiny_base, arithmetic_files,
+                                                          tmp_path):
+    """A run whose last checkpoint was saved under the shorter plan but which never wrote
+    final/ (cut between the two) resumes under a longer --steps instead of being refused."""
+    values = tiny_run_values(tiny_base, arithmetic_files, steps=2, save_every=1,
+                             keep_checkpoints=1, eval_every=1, eval_k=2,
+                             eval_data=str(arithmetic_files["test"]), eval_temperature=1.0,
+                             max_gen_batches=2)
+    config = tmp_path / "shared.yaml"
+    config.write_text(yaml.safe_dump(values))
+    out = tmp_path / "cmp"
+    args = ("--config", str(config), "--algos", "nft", "--seeds", "1", "--output-dir",
+            str(out), "--no-progress")
+    assert compare(*args).returncode == 0
+    run = out / "runs" / "nft-seed0"
+    shutil.rmtree(run / "final")
+    (run / "final_eval.json").unlink()
+    longer = compare(*args, "--resume", "--steps", "3")
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert "resumed from" in (run / "train.log").read_text()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if line.strip()]
+    assert steps == [1, 2, 3]
+    assert yaml.safe_load((run / "final" / "nftune_config.yaml").read_text())["steps"] == 3

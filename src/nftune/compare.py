@@ -20,7 +20,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from nftune.config import TrainConfig, build_config
+from nftune.config import TrainConfig, build_config, resume_safe_keys
 
 CURVES = [("eval", "held-out accuracy (curve set)"), ("reward_mean", "training reward"),
           ("entropy", "policy entropy per token"),
@@ -130,11 +130,13 @@ def run_comparison(base: dict[str, Any], algos: list[str], seeds: list[int], out
                                           else ""))
             if extend and (run_dir / "final_eval.json").exists():  # the shorter run's, kept
                 (run_dir / "final_eval.json").replace(run_dir / f"final_eval.step{trained}.json")
-            # continue from a checkpoint if the run left one, else start it over
+            # continue from a checkpoint if the run left one, else start it over; the plan
+            # check above leaves only ``steps`` free to differ from the checkpoint's config
+            # (a run cut before its final/ under a shorter plan is extended too)
             resume_run = (run_dir / "checkpoints").exists()
             started = time.perf_counter()
             train(cfg, resume=resume_run, overwrite=not resume_run, progress=progress,
-                  allow_changes=extend)
+                  allow_changes=resume_run)
             _add_seconds(run_dir, "train_s", time.perf_counter() - started)
         evaluate_final(str(run_dir / "final"), build_config(None, {**cfg.to_dict(),
                                                                    **final_eval}),
@@ -143,15 +145,15 @@ def run_comparison(base: dict[str, Any], algos: list[str], seeds: list[int], out
 
 
 def check_extension(held: dict[str, Any], base: dict[str, Any], out: Path) -> None:
-    """``--resume`` with more ``--steps`` extends a comparison: each finished run trains on
-    from its last checkpoint. Only with a constant learning rate after warm-up, where the
-    first steps of a longer run are the shorter run's; raises ValueError otherwise."""
+    """``--resume`` with more ``--steps`` extends a comparison: each run trains on from its
+    last checkpoint. Only where the trainer lets a resumed run change ``steps``
+    (:func:`nftune.config.resume_safe_keys`); raises ValueError otherwise."""
     before, after = int(held["steps"]), int(base["steps"])
     schedule = base.get("lr_schedule") or TrainConfig.lr_schedule
     if after < before:
         raise ValueError(f"{out}: --steps {after} is fewer than the comparison's {before}; "
                          "a comparison is extended, never shortened: use another --output-dir")
-    if schedule != "constant":
+    if "steps" not in resume_safe_keys(schedule):
         raise ValueError(f"{out}: --steps {before} → {after} extends a comparison only with "
                          f"lr_schedule constant (this one is {schedule!r}: a longer schedule "
                          "changes every step's learning rate): use another --output-dir")

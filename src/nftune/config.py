@@ -60,6 +60,13 @@ RESUME_SAFE_KEYS = ("steps", "save_every", "keep_checkpoints", "eval_every", "ev
                     "log_completions_prompts")
 
 
+def resume_safe_keys(lr_schedule: str) -> set[str]:
+    """The keys of ``RESUME_SAFE_KEYS`` a run under ``lr_schedule`` may change on resume:
+    ``steps`` only with a constant learning rate after warm-up, where the first steps of a
+    longer run are the shorter run's (a cosine schedule is stretched by it)."""
+    return set(RESUME_SAFE_KEYS) - ({"steps"} if lr_schedule != "constant" else set())
+
+
 def _absolute_py_files(spec: str) -> str:
     """``spec`` (comma-separated ``file.py``, ``file.py:function*weight``, modules) with each
     ``.py`` file that exists written as its absolute path; the rest as it is."""
@@ -409,7 +416,7 @@ class TrainConfig:
         changed += [k for k in saved if k not in now and k not in free]
         if not changed:
             return []
-        safe = set(RESUME_SAFE_KEYS) - ({"steps"} if self.lr_schedule != "constant" else set())
+        safe = resume_safe_keys(self.lr_schedule)
         show = ", ".join(f"{k} ({saved.get(k)!r} → {now.get(k)!r})" for k in changed)
         unsafe = [k for k in changed if k not in safe]
         if unsafe:
