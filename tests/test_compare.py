@@ -157,11 +157,9 @@ def test_sweep_labels_and_bad_algo(tiny_base, arithmetic_files, tmp_path):
     assert done.returncode == 2 and "--algos: unknown ['ppo']" in done.stderr
 
 
-def test_more_steps_on_resume_extend_a_comparison(tiny_base, arithmetic_files, tmp_path):
-    """A finished comparison with more --steps trains each run on from its last checkpoint:
-    with a constant learning rate the result is the run trained that long from the start."""
-    from helpers import same_runs
-
+def finished_two_step_comparison(tiny_base, arithmetic_files, tmp_path):
+    """One NFT run compared for 2 steps (checkpoint every step): its config values, the
+    compare arguments, the output directory and the run's directory."""
     values = tiny_run_values(tiny_base, arithmetic_files, steps=2, save_every=1,
                              keep_checkpoints=1, eval_every=1, eval_k=2,
                              eval_data=str(arithmetic_files["test"]), eval_temperature=1.0,
@@ -172,7 +170,16 @@ def test_more_steps_on_resume_extend_a_comparison(tiny_base, arithmetic_files, t
     args = ("--config", str(config), "--algos", "nft", "--seeds", "1", "--output-dir",
             str(out), "--no-progress")
     assert compare(*args).returncode == 0
-    run = out / "runs" / "nft-seed0"
+    return values, args, out, out / "runs" / "nft-seed0"
+
+
+def test_more_steps_on_resume_extend_a_comparison(tiny_base, arithmetic_files, tmp_path):
+    """A finished comparison with more --steps trains each run on from its last checkpoint:
+    with a constant learning rate the result is the run trained that long from the start."""
+    from helpers import same_runs
+
+    values, args, out, run = finished_two_step_comparison(tiny_base, arithmetic_files,
+                                                          tmp_path)
     short_eval = json.loads((run / "final_eval.json").read_text())
     longer = compare(*args, "--resume", "--steps", "4")
     assert longer.returncode == 0, longer.stderr[-3000:]
@@ -207,17 +214,7 @@ def test_a_run_cut_before_its_final_model_is_extended_too(tiny_base, arithmetic_
                                                           tmp_path):
     """A run whose last checkpoint was saved under the shorter plan but which never wrote
     final/ (cut between the two) resumes under a longer --steps instead of being refused."""
-    values = tiny_run_values(tiny_base, arithmetic_files, steps=2, save_every=1,
-                             keep_checkpoints=1, eval_every=1, eval_k=2,
-                             eval_data=str(arithmetic_files["test"]), eval_temperature=1.0,
-                             max_gen_batches=2)
-    config = tmp_path / "shared.yaml"
-    config.write_text(yaml.safe_dump(values))
-    out = tmp_path / "cmp"
-    args = ("--config", str(config), "--algos", "nft", "--seeds", "1", "--output-dir",
-            str(out), "--no-progress")
-    assert compare(*args).returncode == 0
-    run = out / "runs" / "nft-seed0"
+    _, args, _, run = finished_two_step_comparison(tiny_base, arithmetic_files, tmp_path)
     shutil.rmtree(run / "final")
     (run / "final_eval.json").unlink()
     longer = compare(*args, "--resume", "--steps", "3")
