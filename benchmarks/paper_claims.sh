@@ -11,8 +11,7 @@
 # rollout, lr 3e-5 for every objective (from the "lr16" pilot: NFT seed 0 at 1.5e-4 and 3e-5);
 # arithmetic16 then extends its 80-step runs to 160 steps (`compare --resume --steps 160`).
 # "long16" asks where the leader's curve flattens: NFT and RFT on arithmetic (5 seeds) in
-# the same regime, 160 steps, then on to 240 and 320 (each length's report kept as
-# results.stepN.md; a stage ends with every run at that length, so a cut loses little).
+# the same regime, 160 steps, then on to 240, 320, 480 and 640.
 #   bash benchmarks/paper_claims.sh [OUT_DIR] [PART...]
 #   parts: arithmetic countdown omega eps pilot lr16 arithmetic16 countdown16 eps16 long16
 #   (default: arithmetic countdown omega eps arithmetic16 countdown16 eps16)
@@ -23,6 +22,19 @@ parts=${*:-arithmetic countdown omega eps arithmetic16 countdown16 eps16}
 steps=80  # 2x the former 40; the curves in the report show whether they have flattened
 common=(--steps "$steps" --no-progress --resume)
 regime16=(--minibatches 16 --lr 3e-5 --eval_every 10)  # off-policy; a finer curve
+# staged DIR "N1 N2 ..." ARGS...: one comparison trained to N1 steps, then on to N2, ...
+# (`compare --resume --steps N`; constant lr), each length's report kept as results.stepN.*.
+# A stage already reported is skipped, so a cut loses at most the runs of one stage.
+staged() {
+  local dir=$1 lengths=$2 n
+  shift 2
+  for n in $lengths; do
+    [ -e "$dir/results.step$n.md" ] && continue
+    nftune compare "$@" --steps "$n" --no-progress --resume --output-dir "$dir"
+    cp "$dir/results.md" "$dir/results.step$n.md"
+    cp "$dir/results.json" "$dir/results.step$n.json"
+  done
+}
 for part in $parts; do
   case $part in
     arithmetic) nftune compare --task arithmetic --algos nft,rft,dapo,grpo --seeds 5 \
@@ -40,23 +52,12 @@ for part in $parts; do
                   --no-progress --resume --output-dir "$out/pilot-countdown" ;;
     lr16)       nftune compare --task arithmetic --algos nft --sweep lr=1.5e-4,3e-5 --seeds 1 \
                   --minibatches 16 --output-dir "$out/lr16" "${common[@]}" ;;
-    arithmetic16) # 80 steps (report kept as results.step80.md), then the same runs on to 160
-                  a16=(--task arithmetic --algos nft,rft,dapo,grpo --seeds 5 --no-progress
-                       --resume --output-dir "$out/arithmetic16" "${regime16[@]}")
-                  [ -e "$out/arithmetic16/results.step80.md" ] || {
-                    nftune compare "${a16[@]}" --steps "$steps"
-                    cp "$out/arithmetic16/results.md" "$out/arithmetic16/results.step80.md"; }
-                  nftune compare "${a16[@]}" --steps 160 ;;
+    arithmetic16) staged "$out/arithmetic16" "80 160" --task arithmetic --algos nft,rft,dapo,grpo \
+                    --seeds 5 "${regime16[@]}" ;;
     countdown16) nftune compare --task countdown --algos nft,rft,dapo,grpo --seeds 5 \
                   --output-dir "$out/countdown16" "${common[@]}" "${regime16[@]}" ;;
-    long16)     l16=(--task arithmetic --algos nft,rft --seeds 5 --no-progress --resume
-                     --output-dir "$out/long16" "${regime16[@]}")
-                for n in 160 240 320; do
-                  [ -e "$out/long16/results.step$n.md" ] && continue
-                  nftune compare "${l16[@]}" --steps "$n"
-                  cp "$out/long16/results.md" "$out/long16/results.step$n.md"
-                  cp "$out/long16/results.json" "$out/long16/results.step$n.json"
-                done ;;
+    long16)     staged "$out/long16" "160 240 320 480 640" --task arithmetic --algos nft,rft \
+                  --seeds 5 "${regime16[@]}" ;;
     eps16)      nftune compare --task arithmetic --algos nft --sweep eps=1.0,0.5,0.1 \
                   --seeds 3 --output-dir "$out/eps16" "${common[@]}" "${regime16[@]}" ;;
     *) echo "unknown part: $part (arithmetic countdown omega eps pilot lr16 arithmetic16" \
