@@ -78,6 +78,8 @@ def test_compare_runs_reports_and_resumes(tiny_base, arithmetic_files, tmp_path)
                 assert abs(m["clip_fraction"] - sum(clipped) / len(clipped)) < 1e-12
     table = (out / "results.md").read_text()
     assert "Learning speed on the held-out curve" in table
+    assert "slope over the last quarter" in table
+    assert "still rises" not in table  # two curve points: one in the last quarter, no slope
     assert "| base model |" in table and "| nft |" in table and "| nft − rft |" in table
     assert "nft ≥ RFT" in table and "Compute: 4 runs" in table
     assert (out / "curves.png").stat().st_size > 10_000
@@ -114,6 +116,30 @@ def test_confidence_intervals_bins_and_verdicts_by_hand():
     assert _verdict([-0.05, -0.01]) == "not supported"
     assert _verdict([-0.01, 0.02]).startswith("inconclusive")
     assert _verdict([-0.015, 0.02], -0.02) == "supported"  # "close to": within 2 points
+
+
+def test_late_slope_and_its_verdict_by_hand():
+    from nftune.compare import late_slope, verdicts
+
+    line = [(t, t / 100) for t in range(10, 90, 10)]  # a straight line: 1 point per step
+    # the last quarter of 80 steps is steps 60, 70, 80: slope 0.01 per step
+    assert abs(late_slope(line) - 0.01) < 1e-12
+    # steep, then flat from step 60: only the flat part counts
+    assert abs(late_slope([(10, 0.1), (20, 0.5), (60, 0.6), (70, 0.6), (80, 0.6)])) < 1e-12
+    # noise symmetric about the middle point: least squares gives 0
+    assert abs(late_slope([(60, 0.5), (70, 0.7), (80, 0.5)])) < 1e-12
+    # (60, .5), (80, .8), half the span: last half = steps ≥ 40 → slope .3 / 20
+    assert abs(late_slope([(20, 0.1), (60, 0.5), (80, 0.8)], share=0.5) - 0.015) < 1e-12
+    nan = late_slope([(1, 0.2), (2, 0.3)])  # only step 2 lies in the last quarter
+    assert nan != nan and late_slope([]) != late_slope([])
+
+    rising = {"nft": {"late_slope_mean_ci": [0.0005, 0.0003, 0.0007]},
+              "rft": {"late_slope_mean_ci": [0.0001, -0.0002, 0.0004]}}
+    lines = verdicts(rising, {})
+    assert ("nft's curve still rises over the last quarter of training: supported — slope "
+            "+5.0 [+3.0, +7.0] points per 100 steps") in lines[0]
+    assert lines[1].startswith("rft's curve still rises over the last quarter of training: "
+                               "inconclusive") and "+1.0 [-2.0, +4.0]" in lines[1]
 
 
 def test_learning_speed_by_hand(tmp_path):

@@ -291,6 +291,22 @@ def steps_to_gain(points: list[tuple[int, float]], start: float, share: float = 
     return float(pts[-1][0])  # only the smoothed final reaches it
 
 
+def late_slope(points: list[tuple[int, float]], share: float = 0.25) -> float:
+    """Least-squares slope of the curve (accuracy per step) over its last ``share`` of
+    training: the points at steps ≥ (1 − share) × the last step. Near 0 = the curve has
+    flattened; NaN with fewer than two such points."""
+    pts = sorted(points)
+    if not pts:
+        return math.nan
+    late = [(t, a) for t, a in pts if t >= (1 - share) * pts[-1][0]]
+    if len(late) < 2:
+        return math.nan
+    t_mean = statistics.mean(t for t, _ in late)
+    a_mean = statistics.mean(a for _, a in late)
+    return (sum((t - t_mean) * (a - a_mean) for t, a in late)
+            / sum((t - t_mean) ** 2 for t, _ in late))
+
+
 def _jsonl_lines(name: str, out: Path) -> list[str] | None:
     for path in (Path(name), out / Path(name).name):
         if path.is_file():
@@ -408,6 +424,7 @@ def build_report(output_dir: str | Path) -> dict[str, Any]:
         if member is not None:
             member["curve_area"] = curve_area(member["curve"], start)
             member["steps_to_90"] = steps_to_gain(member["curve"], start)
+            member["late_slope"] = late_slope(member["curve"])
             groups.setdefault(run["label"], []).append(member)
             algo_of[run["label"]] = run["algo"]
     summary = {}
@@ -425,6 +442,7 @@ def build_report(output_dir: str | Path) -> dict[str, Any]:
             "clip_fraction_mean_std": _mean_std([m["clip_fraction"] for m in members]),
             "curve_area_mean_ci": mean_ci([m["curve_area"] for m in members]),
             "steps_to_90_mean_ci": mean_ci([m["steps_to_90"] for m in members]),
+            "late_slope_mean_ci": mean_ci([m["late_slope"] for m in members]),
             "by_difficulty": {name: mean_ci([m["by_difficulty"][name] for m in members])
                               for name in [*bins, "rest"]}}
     labels = list(groups)
@@ -519,6 +537,14 @@ def verdicts(summary: dict[str, Any], paired: dict[str, Any]) -> list[str]:
         if t90["mean"] == t90["mean"]:
             line += f" — {ref} − {label} {ci_text(t90, 1, 0)} steps"
         out.append(line + f"; area under the held-out curve {ci_text(area)} points.")
+    for label, s in summary.items():  # has the run been long enough?
+        slope = s.get("late_slope_mean_ci")
+        if slope is None or slope[0] != slope[0]:
+            continue
+        d = {"mean": slope[0], "ci": slope[1:]}
+        out.append(f"{label}'s curve still rises over the last quarter of training: "
+                   f"{_verdict(d['ci'])} — slope {ci_text(d, 1e4)} points per 100 steps "
+                   f"(near 0 = flattened).")
     return out
 
 
@@ -572,13 +598,16 @@ def _report(result: dict[str, Any]) -> str:
                      "accuracy, unknown here: from the first point")
                   + "), mean [95% CI] over seeds, and the clip's reach:", "",
                   "| algorithm | area under the curve (mean accuracy over training) | steps to "
-                  "90% of the final gain | clip active (share of wrong answers' tokens) |",
-                  "|---|---|---|---|"]
+                  "90% of the final gain | slope over the last quarter (points per 100 steps) "
+                  "| clip active (share of wrong answers' tokens) |",
+                  "|---|---|---|---|---|"]
         for label, s in summary.items():
             cm, csd = s["clip_fraction_mean_std"]
             clip = f"{100 * cm:.2f}% ± {100 * csd:.2f}" if cm == cm else "–"
+            slope = s.get("late_slope_mean_ci", [math.nan] * 3)
             lines.append(f"| {label} | {_fmt_ci(s['curve_area_mean_ci'])} | "
-                         f"{_fmt_ci(s['steps_to_90_mean_ci'], 1)} | {clip} |")
+                         f"{_fmt_ci(s['steps_to_90_mean_ci'], 1)} | "
+                         f"{_fmt_ci(slope, 1e4)} | {clip} |")
         if paired:
             lines += ["", f"Paired, {ref} minus each (area: points; steps: fewer = faster):", "",
                       "| comparison | area per seed | area mean [95% CI] | steps to 90% mean "
