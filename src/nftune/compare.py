@@ -301,10 +301,8 @@ def late_slope(points: list[tuple[int, float]], share: float = 0.25) -> float:
     late = [(t, a) for t, a in pts if t >= (1 - share) * pts[-1][0]]
     if len(late) < 2:
         return math.nan
-    t_mean = statistics.mean(t for t, _ in late)
-    a_mean = statistics.mean(a for _, a in late)
-    return (sum((t - t_mean) * (a - a_mean) for t, a in late)
-            / sum((t - t_mean) ** 2 for t, _ in late))
+    steps, accuracies = zip(*late, strict=True)
+    return statistics.linear_regression(steps, accuracies).slope
 
 
 def _jsonl_lines(name: str, out: Path) -> list[str] | None:
@@ -538,10 +536,10 @@ def verdicts(summary: dict[str, Any], paired: dict[str, Any]) -> list[str]:
             line += f" — {ref} − {label} {ci_text(t90, 1, 0)} steps"
         out.append(line + f"; area under the held-out curve {ci_text(area)} points.")
     for label, s in summary.items():  # has the run been long enough?
-        slope = s.get("late_slope_mean_ci")
-        if slope is None or slope[0] != slope[0]:
+        mean, low, high = s["late_slope_mean_ci"]
+        if mean != mean:
             continue
-        d = {"mean": slope[0], "ci": slope[1:]}
+        d = {"mean": mean, "ci": [low, high]}
         out.append(f"{label}'s curve still rises over the last quarter of training: "
                    f"{_verdict(d['ci'])} — slope {ci_text(d, 1e4)} points per 100 steps "
                    f"(near 0 = flattened).")
@@ -604,10 +602,9 @@ def _report(result: dict[str, Any]) -> str:
         for label, s in summary.items():
             cm, csd = s["clip_fraction_mean_std"]
             clip = f"{100 * cm:.2f}% ± {100 * csd:.2f}" if cm == cm else "–"
-            slope = s.get("late_slope_mean_ci", [math.nan] * 3)
             lines.append(f"| {label} | {_fmt_ci(s['curve_area_mean_ci'])} | "
                          f"{_fmt_ci(s['steps_to_90_mean_ci'], 1)} | "
-                         f"{_fmt_ci(slope, 1e4)} | {clip} |")
+                         f"{_fmt_ci(s['late_slope_mean_ci'], 1e4)} | {clip} |")
         if paired:
             lines += ["", f"Paired, {ref} minus each (area: points; steps: fewer = faster):", "",
                       "| comparison | area per seed | area mean [95% CI] | steps to 90% mean "
