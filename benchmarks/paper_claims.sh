@@ -11,9 +11,13 @@
 # rollout, lr 3e-5 for every objective (from the "lr16" pilot: NFT seed 0 at 1.5e-4 and 3e-5);
 # arithmetic16 then extends its 80-step runs to 160 steps (`compare --resume --steps 160`).
 # "long16" asks where the leader's curve flattens: NFT and RFT on arithmetic (5 seeds) in
-# the same regime, 160 steps, then on to 240, 320, 480, 640 and 800.
+# the same regime, 160 steps, then on to 240, 320, 480, 640, 800, 960 and 1120;
+# `python benchmarks/plateau_fit.py DIR` extrapolates where a part's curves would flatten.
+# "prompts16" is the remedy for runs too long to flatten: a quarter of the questions
+# per rollout (16), 640 steps, RFT and NFT seed 0 (~5 min a run).
 #   bash benchmarks/paper_claims.sh [OUT_DIR] [PART...]
 #   parts: arithmetic countdown omega eps pilot lr16 arithmetic16 countdown16 eps16 long16
+#          prompts16
 #   (default: arithmetic countdown omega eps arithmetic16 countdown16 eps16)
 set -euo pipefail
 out=${1:-runs/paper-claims}
@@ -56,11 +60,14 @@ for part in $parts; do
                     --seeds 5 "${regime16[@]}" ;;
     countdown16) nftune compare --task countdown --algos nft,rft,dapo,grpo --seeds 5 \
                   --output-dir "$out/countdown16" "${common[@]}" "${regime16[@]}" ;;
-    long16)     staged "$out/long16" "160 240 320 480 640 800" --task arithmetic --algos nft,rft \
-                  --seeds 5 "${regime16[@]}" ;;
+    long16)     staged "$out/long16" "160 240 320 480 640 800 960 1120" --task arithmetic \
+                  --algos nft,rft --seeds 5 "${regime16[@]}" ;;
+    prompts16)  nftune compare --task arithmetic --algos rft,nft --seeds 1 --steps 640 \
+                  --prompts_per_step 16 --no-progress --resume --output-dir "$out/prompts16" \
+                  --minibatches 16 --lr 3e-5 --eval_every 20 ;;
     eps16)      nftune compare --task arithmetic --algos nft --sweep eps=1.0,0.5,0.1 \
                   --seeds 3 --output-dir "$out/eps16" "${common[@]}" "${regime16[@]}" ;;
     *) echo "unknown part: $part (arithmetic countdown omega eps pilot lr16 arithmetic16" \
-            "countdown16 eps16 long16)" >&2; exit 2 ;;
+            "countdown16 eps16 long16 prompts16)" >&2; exit 2 ;;
   esac
 done
