@@ -1,7 +1,7 @@
 """Where would a comparison's curves flatten? Fits acc(t) = A − B·exp(−t/τ) to each run's
 held-out curve (step 0 = the base's accuracy on the curve set) and extrapolates.
 
-Usage: python benchmarks/plateau_fit.py DIR [--flat 0.5] [--json OUT]
+Usage: python benchmarks/plateau_fit.py DIR [--flat 0.5] [--until STEP] [--json OUT]
 
 DIR is an `nftune compare` output folder. Per algorithm (mean [95% CI] over seeds): the
 plateau A (points), the time constant τ (steps), the step where the fitted slope falls below
@@ -11,6 +11,7 @@ curve keeps its exponential approach; a τ at the grid's top (20× the last step
 curve is still straight and no plateau is in sight. Its own check: the same fit on the first
 ⅔ of each curve. If that plateau is lower and earlier than the whole curve's, the curve
 approaches more slowly than an exponential and every extrapolation here is a lower bound.
+``--until STEP`` fits only the curve up to STEP (what a shorter study would have predicted).
 """
 
 from __future__ import annotations
@@ -50,12 +51,15 @@ def step_slope_below(fit: dict[str, float], flat_per_100: float) -> float:
     return fit["tau"] * math.log(start / flat_per_100) if start > flat_per_100 else 0.0
 
 
-def run_curve(run_dir: Path, base_curve: float) -> tuple[list[int], list[float], float]:
-    """(steps, curve accuracy in points, seconds per training step) of one run."""
+def run_curve(run_dir: Path, base_curve: float, until: int | None = None
+              ) -> tuple[list[int], list[float], float]:
+    """(steps, curve accuracy in points, seconds per training step) of one run, its curve
+    up to step ``until`` (all of it if None)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
             if line.strip()]
     key = next(k for r in rows for k in r if k.startswith("eval/") and "avg@" in k)
-    points = sorted({r["step"]: 100 * r[key] for r in rows if key in r}.items())
+    points = sorted({r["step"]: 100 * r[key] for r in rows
+                     if key in r and (until is None or r["step"] <= until)}.items())
     if not math.isnan(base_curve):
         points = [(0, 100 * base_curve)] + points
     step_s = [r["time_step_s"] for r in rows if "time_step_s" in r]  # median: pauses aside
@@ -66,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dir", type=Path)
     ap.add_argument("--flat", type=float, default=0.5, help="points per 100 steps")
+    ap.add_argument("--until", type=int, help="fit the curves only up to this step")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
     plan_path = args.dir / "plan.json"
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = args.dir / "runs" / run["dir"]
         if not (run_dir / "metrics.jsonl").is_file():
             continue
-        steps, acc, step_s = run_curve(run_dir, base_curve)
+        steps, acc, step_s = run_curve(run_dir, base_curve, args.until)
         fit = fit_saturating(steps, acc)
         flat = step_slope_below(fit, args.flat)
         early_n = sum(s <= 2 / 3 * steps[-1] for s in steps)

@@ -50,3 +50,9 @@ def test_plateau_fit_recovers_a_known_exponential_and_flags_a_straight_line(tmp_
         assert abs(nft[seed]["A_first_two_thirds"] - 80) < 0.5
     assert fit["rft"]["runs"][0]["tau_at_grid_top"]
     assert "| nft |" in proc.stdout and "| rft |" in proc.stdout
+    # --until: only the curve to step 400 is fitted (an exact exponential: the same A)
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plateau_fit.py"), str(tmp_path),
+                    "--until", "400", "--json", str(tmp_path / "fit400.json")],
+                   check=True, capture_output=True, timeout=120)
+    short = json.loads((tmp_path / "fit400.json").read_text())["nft"]["runs"][0]
+    assert short["last_step"] == 400 and abs(short["A"] - 80) < 0.5
