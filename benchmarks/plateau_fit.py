@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nftune.compare import mean_ci
+from nftune.compare import eval_key, mean_ci
 
 
 def fit_saturating(steps: list[float], accuracy: list[float]) -> dict[str, float]:
@@ -57,7 +57,7 @@ def run_curve(run_dir: Path, base_curve: float, until: int | None = None
     up to step ``until`` (all of it if None)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
             if line.strip()]
-    key = next(k for r in rows for k in r if k.startswith("eval/") and "avg@" in k)
+    key = eval_key(rows)
     points = sorted({r["step"]: 100 * r[key] for r in rows
                      if key in r and (until is None or r["step"] <= until)}.items())
     if not math.isnan(base_curve):
@@ -97,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         out.setdefault(run["label"], {"runs": []})["runs"].append(fit)
     print(f"| algorithm | plateau A (points) | τ (steps) | slope < {args.flat:g} per 100 steps "
           "at step | minutes per run to get there | fit RMSE | runs at grid top | "
-          "from the first ⅔: "
-          "A | from the first ⅔: flat at step |")
+          "from the first ⅔: A | from the first ⅔: flat at step |")
     print("|---|---|---|---|---|---|---|---|---|")
     shown = ("A", "tau", "flat_step", "flat_minutes")
     later = ("A_first_two_thirds", "flat_step_first_two_thirds")

@@ -248,7 +248,8 @@ def evaluate_base(cfg_dict: dict[str, Any], output_dir: Path) -> dict[str, Any]:
                           seeds=(EVAL_SEED, BIN_SEED))
 
 
-def _eval_key(rows: list[dict[str, Any]]) -> str | None:
+def eval_key(rows: list[dict[str, Any]]) -> str | None:
+    """The held-out curve's metric (``eval/<set>/avg@k``) in a run's metrics rows."""
     return next((k for r in rows for k in r if k.startswith("eval/") and "/avg@" in k), None)
 
 
@@ -363,7 +364,7 @@ def _read_run(out: Path, run: dict[str, Any], bins: dict[str, list[int]]) -> dic
     if not (run_dir / "final").exists() or not metrics_file.exists():
         return None
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
-    key = _eval_key(rows)
+    key = eval_key(rows)
     final_eval = run_dir / "final_eval.json"
     evaluated = json.loads(final_eval.read_text()) if final_eval.exists() else None
     if evaluated:
