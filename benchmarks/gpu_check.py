@@ -6,6 +6,10 @@ Usage (a lent GPU machine, from the repository root; nftune need not be installe
     python benchmarks/gpu_check.py --out $OUT/gpu_check
 and on the CPU at a reduced shape (the test suite runs this, so the script cannot rot):
     python benchmarks/gpu_check.py --device cpu --small --out /tmp/gpu_check
+and, to rehearse a real architecture on the CPU before a GPU window (~4 minutes, 11 GB):
+    python benchmarks/gpu_check.py --device cpu --arch qwen2.5-0.5b --tokens 320 \\
+        --new-tokens 16 --batches 8,16 --prompts 2 --largest-cap 640 --limit-scale 12 \\
+        --out /tmp/gpu_check_05b
 
 Stages, in priority order:
     env        versions; which of vllm, trl, flash_attn, liger_kernel, bitsandbytes import
@@ -17,7 +21,8 @@ Stages, in priority order:
                backward + AdamW floor on the same tokens and against the fit check's memory
                model
     generate   Hugging Face generation at 512 new tokens (small: 16), 64 and 256 answers a call,
-               π_old's log-probs recorded or not
+               π_old's log-probs recorded or not, as the trainer samples (fp32 weights, bf16
+               autocast on CUDA); then the evaluation's bf16 weights at 256
     trainer    a 3-step Trainer run at that shape, reward from a file, leaving final/
     numerics   recorded vs recomputed log-probs (fp32, bf16), the same update twice: bitwise?
     largest    the largest micro-batch that fits, measured near the memory model's figure
@@ -37,14 +42,32 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))  # nftune from this checkout, installed or not
 
-STAGES = {"env": 15, "build": 40, "update": 135, "generate": 65, "trainer": 65, "numerics": 35,
+# seconds per stage, 410 in all. Expected on one H100 (from the 2026-11-26 GPU runs' launch-bound
+# decode of ~10 ms a step for 3 layers, and ~30 ms a step for 28): build ~15 s (weights drawn on
+# the card), update ~50 s (three configurations, four steps each at 16K tokens), generate ~75 s
+# (four calls of 512 decode steps), trainer ~75 s (three steps of 64 answers × 512 tokens, and
+# final/ saved), numerics ~30 s (four 1.5B loads), largest ~40 s.
+STAGES = {"env": 15, "build": 25, "update": 100, "generate": 85, "trainer": 85, "numerics": 45,
           "largest": 55}
 GIB = 2**30
+SHAPES = {
+    # the GPU window: Qwen2.5-1.5B's shape at the issue's lengths
+    "full": dict(arch="qwen2.5-1.5b", tokens=16384, new_tokens=512, batches=(64, 256),
+                 prompts=16, largest_cap=2**20),
+    # the suite: the demo's shape, a minute on two CPU cores
+    "small": dict(arch="demo", tokens=512, new_tokens=16, batches=(8, 32), prompts=4,
+                  largest_cap=4096),
+}
 
 
-def _settings(small: bool) -> dict:
-    return dict(arch="demo" if small else "qwen2.5-1.5b", tokens=512 if small else 16384,
-                new_tokens=16 if small else 512, batches=(8, 32) if small else (64, 256))
+def _settings(args) -> dict:
+    """The shape of this run: ``--small`` or the GPU window's, with any flag given on top (a
+    CPU rehearsal at a real architecture sets --arch and small token counts)."""
+    settings = dict(SHAPES["small" if args.small else "full"])
+    for key in settings:
+        if getattr(args, key, None) is not None:
+            settings[key] = getattr(args, key)
+    return settings
 
 
 def _emit(out: Path, stage: str, **values) -> None:
@@ -104,10 +127,11 @@ def stage_env(out: Path, args) -> None:
 def stage_build(out: Path, args) -> None:
     from rollout_engines import build_model_dir
 
+    arch = _settings(args)["arch"]
     start = time.perf_counter()
-    build_model_dir(_settings(args.small)["arch"], str(out / "model"),
-                    "float32" if args.small else "bfloat16")
-    _emit(out, "build", arch=_settings(args.small)["arch"], seconds=time.perf_counter() - start)
+    build_model_dir(arch, str(out / "model"), "float32" if arch == "demo" else "bfloat16",
+                    device=args.device)
+    _emit(out, "build", arch=arch, seconds=time.perf_counter() - start)
 
 
 def _config(out: Path, args, **overrides):
@@ -142,7 +166,7 @@ def stage_update(out: Path, args) -> None:
     from nftune.policy import build_policy, make_optimizer, make_scheduler
     from nftune.update import update_policy
 
-    tokens = _settings(args.small)["tokens"]
+    tokens = _settings(args)["tokens"]
     rows = 4
     shape = read_shape(str(out / "model"))
     for name, change in UPDATE_CONFIGS.items():
@@ -195,32 +219,46 @@ def _device_bytes(device: str) -> int:
 
 
 def stage_generate(out: Path, args) -> None:
+    """The trainer's sampling (its model, fp32 weights, under its precision: bf16 autocast on
+    CUDA) at both batch sizes, π_old's log-probs recorded or not; then, last and so first to
+    be cut, the evaluation's path (weights loaded in bf16) at the larger batch."""
     import torch
 
-    from nftune.policy import load_policy
+    from nftune.policy import build_policy, load_policy
     from nftune.rollout import HFEngine
     from nftune.sampling import Sampling
 
-    s = _settings(args.small)
-    model, tokenizer = load_policy(str(out / "model"), torch.device(args.device),
-                                   dtype=torch.bfloat16 if args.device == "cuda" else
-                                   torch.float32)
-    HFEngine(model, tokenizer, 8).generate(["1+1="], Sampling(n=8, max_new_tokens=4))  # warm-up
+    s = _settings(args)
+    device = torch.device(args.device)
+    cfg = _config(out, args, gradient_checkpointing="auto")
+    model, tokenizer = build_policy(cfg, device)
+    HFEngine.from_config(model, tokenizer, cfg).generate(
+        ["1+1="], Sampling(n=8, max_new_tokens=4))  # warm-up
+
+    def timed(engine, batch: int, record: bool, **labels) -> None:
+        torch.manual_seed(0)
+        _reset(args.device)
+        start = time.perf_counter()
+        rollout = engine.generate(["1+1="] * (batch // 8),
+                                  Sampling(n=8, max_new_tokens=s["new_tokens"]),
+                                  record_logprobs=record)
+        _sync(args.device)
+        seconds = time.perf_counter() - start
+        _emit(out, "generate", batch=batch, record_logprobs=record, seconds=seconds,
+              answers_per_s=len(rollout) / seconds,
+              tokens_per_s=int(rollout.response_lengths.sum()) / seconds,
+              **labels, **_peaks(args.device))
+
     for batch in s["batches"]:
+        cfg.gen_batch_size = batch
         for record in (False, True):
-            engine = HFEngine(model, tokenizer, batch)
-            torch.manual_seed(0)
-            _reset(args.device)
-            start = time.perf_counter()
-            rollout = engine.generate(["1+1="] * (batch // 8),
-                                      Sampling(n=8, max_new_tokens=s["new_tokens"]),
-                                      record_logprobs=record)
-            _sync(args.device)
-            seconds = time.perf_counter() - start
-            _emit(out, "generate", batch=batch, record_logprobs=record, seconds=seconds,
-                  answers_per_s=len(rollout) / seconds,
-                  tokens_per_s=int(rollout.response_lengths.sum()) / seconds,
-                  **_peaks(args.device))
+            timed(HFEngine.from_config(model, tokenizer, cfg), batch, record,
+                  weights="float32", autocast=cfg.uses_bf16(args.device))
+    del model
+    weights = torch.bfloat16 if args.device == "cuda" else torch.float32
+    model, tokenizer = load_policy(str(out / "model"), device, dtype=weights)
+    timed(HFEngine(model, tokenizer, max(s["batches"])), max(s["batches"]), False,
+          weights=str(weights).removeprefix("torch."), autocast=False)
 
 
 REWARD = "def reward(responses, rows):\n    return [float(len(r) % 2) for r in responses]\n"
@@ -230,13 +268,13 @@ def stage_trainer(out: Path, args) -> None:
     from nftune.tasks.arithmetic import make_questions
     from nftune.train import train
 
-    s = _settings(args.small)
+    s = _settings(args)
     (out / "reward.py").write_text(REWARD)
     data = out / "train.jsonl"
     data.write_text("".join(json.dumps(q.__dict__) + "\n" for q in make_questions(64, "train",
                                                                                   0, 1)))
     cfg = _config(out, args, train_data=str(data), template="raw", steps=3,
-                  prompts_per_step=4 if args.small else 16, answers_per_prompt=4,
+                  prompts_per_step=s["prompts"], answers_per_prompt=4,
                   minibatches=2, max_new_tokens=s["new_tokens"], verify_workers=1,
                   reward=f"{out / 'reward.py'}:reward", output_dir=str(out / "run"),
                   gradient_checkpointing="auto")
@@ -285,7 +323,7 @@ def stage_numerics(out: Path, args) -> None:
 def stage_largest(out: Path, args) -> None:
     """The largest micro-batch measured, bf16 autocast + checkpointing (CUDA's defaults): a step
     at the memory model's largest; on running out of memory 0.8× that, up to four tries; if the
-    first fits, one try at 1.25× (small: capped at 4,096 tokens)."""
+    first fits, one try at 1.25× (never above ``--largest-cap``; small: 4,096 tokens)."""
     import gc
 
     import torch
@@ -300,11 +338,11 @@ def stage_largest(out: Path, args) -> None:
     scheduler = make_scheduler(optimizer, cfg)
     by_model = plan_run(cfg, read_shape(str(out / "model")), args.device,
                         _device_bytes(args.device)).largest_micro_batch_tokens or 4096
-    tokens = min(by_model, 4096 if args.small else 2**20)
+    tokens = min(by_model, _settings(args)["largest_cap"])
     tries = []
 
     def step(n: int) -> bool:
-        rows = 4
+        rows = max(4, n // 2304)  # a run's rows: 256-token prompts, 2,048-token answers
         batch = _batch(rows, max(1, n // rows - 64), model.config.vocab_size, args.device)
         cfg.micro_batch_tokens = rows * (n // rows)
         try:
@@ -332,10 +370,25 @@ def stage_largest(out: Path, args) -> None:
           largest_measured=max(fitting) if fitting else None)
 
 
+def _flag(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--small", action="store_true", help="the demo's shape (CPU, CI)")
+    parser.add_argument("--arch", default=None,
+                        help="a rollout_engines.ARCHS shape instead (e.g. qwen2.5-0.5b)")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens a micro-batch")
+    parser.add_argument("--new-tokens", type=int, default=None, help="answer length")
+    parser.add_argument("--batches", type=lambda v: tuple(int(x) for x in v.split(",")),
+                        default=None, help="answers a generate call, e.g. 64,256")
+    parser.add_argument("--prompts", type=int, default=None, help="the trainer's prompts a step")
+    parser.add_argument("--largest-cap", type=int, default=None,
+                        help="the most tokens the 'largest' stage tries")
+    parser.add_argument("--limit-scale", type=float, default=1.0,
+                        help="multiply every stage's time limit (a CPU rehearsal)")
     parser.add_argument("--out", default="gpu_check")
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--stage", default=None, help=argparse.SUPPRESS)
@@ -346,13 +399,16 @@ def main() -> None:
         globals()[f"stage_{args.stage}"](out, args)
         return
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    passed = [arg for key in ("arch", "tokens", "new_tokens", "batches", "prompts",
+                              "largest_cap") if getattr(args, key) is not None
+              for arg in (f"--{key.replace('_', '-')}", _flag(getattr(args, key)))]
     for stage in args.stages.split(","):
         start = time.perf_counter()
         command = [sys.executable, __file__, "--stage", stage, "--device", args.device,
-                   "--out", str(out)] + (["--small"] if args.small else [])
+                   "--out", str(out)] + (["--small"] if args.small else []) + passed
         try:
             proc = subprocess.run(command, capture_output=True, text=True, env=env,
-                                  timeout=STAGES[stage])
+                                  timeout=STAGES[stage] * args.limit_scale)
             rc, tail = proc.returncode, proc.stderr[-1500:] if proc.returncode else ""
         except subprocess.TimeoutExpired:
             rc, tail = "timeout", ""

@@ -27,8 +27,9 @@ def test_gpu_check_runs_every_stage_on_cpu(tmp_path):
     for r in updates.values():
         assert r["tokens_per_s"] > 0 and r["peak_rss_gib"] > 0 and r["model_gib"] > 0
     generated = [r for r in rows if r["stage"] == "generate"]
-    assert {(r["batch"], r["record_logprobs"]) for r in generated} == {
-        (8, False), (8, True), (32, False), (32, True)}
+    assert [(r["batch"], r["record_logprobs"], r["weights"]) for r in generated] == [
+        (8, False, "float32"), (8, True, "float32"), (32, False, "float32"),
+        (32, True, "float32"), (32, False, "float32")]  # the trainer's four, then evaluation's
     trainer = next(r for r in rows if r["stage"] == "trainer")
     assert len(trainer["step_seconds"]) == 3 and "model.safetensors" in trainer["final_files"]
     numerics = next(r for r in rows if r["stage"] == "numerics")
@@ -38,3 +39,20 @@ def test_gpu_check_runs_every_stage_on_cpu(tmp_path):
     largest = next(r for r in rows if r["stage"] == "largest")
     assert largest["tries"] and largest["tries"][0]["tokens"] <= 4096  # --small's cap
     assert largest["largest_measured"] == max(t["tokens"] for t in largest["tries"] if t["fits"])
+
+
+def test_shape_flags_reach_every_stage(tmp_path):
+    """A rehearsal's flags (here: micro-batch tokens, answer length, batch sizes) are passed
+    to each stage's own process, not only parsed by the driver."""
+    out = tmp_path / "check"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"),
+                           "--device", "cpu", "--small", "--stages", "build,update,generate",
+                           "--tokens", "384", "--new-tokens", "4", "--batches", "8,16",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["tokens"] for r in rows if r["stage"] == "update"} == {384}
+    generated = [r for r in rows if r["stage"] == "generate"]
+    assert [r["batch"] for r in generated] == [8, 8, 16, 16, 16]
+    # 4 new tokens at most: the sampled tokens per second times seconds is the tokens made
+    assert all(r["tokens_per_s"] * r["seconds"] <= r["batch"] * 4 + 1e-6 for r in generated)
