@@ -105,7 +105,7 @@ def _peaks(device: str) -> dict:
 
 
 def stage_env(out: Path, args) -> None:
-    import importlib.util
+    import importlib
     import platform
 
     import accelerate
@@ -113,8 +113,13 @@ def stage_env(out: Path, args) -> None:
     import torch
     import transformers
 
-    found = {name: importlib.util.find_spec(name) is not None
-             for name in ("vllm", "trl", "flash_attn", "liger_kernel", "bitsandbytes")}
+    found = {}
+    for name in ("vllm", "trl", "flash_attn", "liger_kernel", "bitsandbytes"):
+        try:  # imported, not only found: a package can be there and fail to load
+            importlib.import_module(name)
+            found[name] = True
+        except Exception:  # noqa: BLE001 - any failure means "does not import"
+            found[name] = False
     _emit(out, "env", python=platform.python_version(), torch=torch.__version__,
           cuda=torch.version.cuda, transformers=transformers.__version__,
           peft=peft.__version__, accelerate=accelerate.__version__,

@@ -2,6 +2,7 @@
 finishes in its own process and leaves its figures, so the script cannot rot between GPU runs."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,11 +10,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _without(tmp_path, *modules: str) -> dict:
+    """An environment in which importing ``modules`` fails as for a package not installed."""
+    blocked = tmp_path / "blocked"
+    for name in modules:
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(
+            f"raise ModuleNotFoundError('No module named {name!r}')\n")
+    return {**os.environ, "PYTHONPATH": str(blocked)}
+
+
 def test_gpu_check_runs_every_stage_on_cpu(tmp_path):
+    """Every stage, with what the lent GPU machines lack (device/KINDS.md: no datasets, no
+    math-verify; the check's reward comes from a file) impossible to import."""
     out = tmp_path / "check"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"),
                            "--device", "cpu", "--small", "--out", str(out)],
-                          capture_output=True, text=True, timeout=400)
+                          capture_output=True, text=True, timeout=400,
+                          env=_without(tmp_path, "datasets", "math_verify", "trl", "vllm"))
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     done = {r["of"]: r for r in rows if r["stage"] == "done"}
@@ -22,6 +36,7 @@ def test_gpu_check_runs_every_stage_on_cpu(tmp_path):
     assert all(r["rc"] == 0 for r in done.values()), [r["error"] for r in done.values()]
     env = next(r for r in rows if r["stage"] == "env")
     assert env["device"] == "cpu" and set(env["importable"]) >= {"vllm", "trl", "flash_attn"}
+    assert env["importable"]["vllm"] is False and env["importable"]["trl"] is False  # blocked
     updates = {r["config"]: r for r in rows if r["stage"] == "update"}
     assert set(updates) == {"fp32_ckpt", "bf16_ckpt", "lora16_bf16_base"}
     for r in updates.values():
