@@ -42,8 +42,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))  # nftune from this checkout, installed or not
 
-# seconds per stage, 410 in all. Expected on one H100 (from the 2026-11-26 GPU runs' launch-bound
-# decode of ~10 ms a step for 3 layers, and ~30 ms a step for 28): build ~15 s (weights drawn on
+# seconds per stage, 410 in all. Expected on one H100 (an estimate: `generate` bound by kernel
+# launches at ~30 ms a decode step for 28 layers; not yet measured): build ~15 s (weights drawn on
 # the card), update ~50 s (three configurations, four steps each at 16K tokens), generate ~75 s
 # (four calls of 512 decode steps), trainer ~75 s (three steps of 64 answers × 512 tokens, and
 # final/ saved), numerics ~30 s (four 1.5B loads), largest ~40 s.
