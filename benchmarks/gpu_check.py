@@ -24,7 +24,8 @@ Stages, in priority order:
                π_old's log-probs recorded or not, as the trainer samples (fp32 weights, bf16
                autocast on CUDA); then the evaluation's bf16 weights at 256
     trainer    a 3-step Trainer run at that shape, reward from a file, leaving final/
-    numerics   recorded vs recomputed log-probs (fp32, bf16), the same update twice: bitwise?
+    numerics   recorded vs recomputed log-probs (each in fp32, each under bf16 autocast), bf16
+               vs fp32 log-probs of the same answers, the same update twice: bitwise?
     largest    the largest micro-batch that fits, measured near the memory model's figure
 """
 
@@ -294,23 +295,32 @@ def stage_trainer(out: Path, args) -> None:
 def stage_numerics(out: Path, args) -> None:
     import torch
 
-    from nftune.policy import build_policy, make_optimizer, make_scheduler
+    from nftune.policy import build_policy, make_optimizer, make_scheduler, precision
     from nftune.rollout import HFEngine
     from nftune.sampling import Sampling
     from nftune.update import recompute_logprobs, update_policy
 
+    device = torch.device(args.device)
     result = {}
-    for precision in ("false", "true"):
-        cfg = _config(out, args, bf16=precision, micro_batch_tokens=4096)
-        model, tokenizer = build_policy(cfg, torch.device(args.device))
+    for bf16 in ("false", "true"):
+        # as the trainer does: π_old recorded while sampling and recomputed by a forward, both
+        # in the run's precision (bf16: the same autocast)
+        cfg = _config(out, args, bf16=bf16, micro_batch_tokens=4096)
+        model, tokenizer = build_policy(cfg, device)
         torch.manual_seed(0)
-        rollout = HFEngine(model, tokenizer, 16).generate(
+        rollout = HFEngine.from_config(model, tokenizer, cfg).generate(
             ["1+1="] * 2, Sampling(n=8, max_new_tokens=16), record_logprobs=True)
-        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=precision == "true"):
+        with precision(cfg, device):
             again, _ = recompute_logprobs(model, rollout, 4096)
         mask = rollout.response_mask.bool()
-        result[f"recorded_vs_recomputed_max_bf16_{precision}"] = float(
+        result[f"recorded_vs_recomputed_max_bf16_{bf16}"] = float(
             (again - rollout.old_logprobs)[mask].abs().max())
+    # the same weights and answers, a forward in float32 against one under bf16 autocast
+    with torch.autocast(args.device, dtype=torch.bfloat16):
+        in_bf16, _ = recompute_logprobs(model, rollout, 4096)
+    in_fp32, _ = recompute_logprobs(model, rollout, 4096)
+    result["bf16_vs_fp32_logprob_max"] = float((in_bf16 - in_fp32)[mask].abs().max())
+    result["bf16_vs_fp32_logprob_mean"] = float((in_bf16 - in_fp32)[mask].abs().mean())
     states = []
     for _ in range(2):
         cfg = _config(out, args, micro_batch_tokens=4096)

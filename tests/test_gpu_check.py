@@ -50,6 +50,10 @@ def test_gpu_check_runs_every_stage_on_cpu(tmp_path):
     numerics = next(r for r in rows if r["stage"] == "numerics")
     # float32 on the CPU: recording π_old while decoding equals the recompute to rounding
     assert numerics["recorded_vs_recomputed_max_bf16_false"] < 1e-3
+    # bf16 rounds to 8 bits of mantissa: its log-probs differ from fp32's, by more than fp32's
+    # own recorded-vs-recomputed rounding
+    assert numerics["bf16_vs_fp32_logprob_max"] > numerics["recorded_vs_recomputed_max_bf16_false"]
+    assert 0 < numerics["bf16_vs_fp32_logprob_mean"] <= numerics["bf16_vs_fp32_logprob_max"]
     assert isinstance(numerics["same_update_twice_bitwise"], bool)
     largest = next(r for r in rows if r["stage"] == "largest")
     assert largest["tries"] and largest["tries"][0]["tokens"] <= 4096  # --small's cap
