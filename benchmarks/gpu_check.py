@@ -6,7 +6,7 @@ Usage (a lent GPU machine, from the repository root; nftune need not be installe
     python benchmarks/gpu_check.py --out $OUT/gpu_check
 and on the CPU at a reduced shape (the test suite runs this, so the script cannot rot):
     python benchmarks/gpu_check.py --device cpu --small --out /tmp/gpu_check
-and, to rehearse a real architecture on the CPU before a GPU window (~4 minutes, 11 GB):
+and, to rehearse a real architecture on the CPU before a GPU window (~4.5 minutes, 11 GB):
     python benchmarks/gpu_check.py --device cpu --arch qwen2.5-0.5b --tokens 320 \\
         --new-tokens 16 --batches 8,16 --prompts 2 --largest-cap 640 --limit-scale 12 \\
         --out /tmp/gpu_check_05b
