@@ -357,7 +357,9 @@ def stage_largest(out: Path, args) -> None:
     tries = []
 
     def step(n: int) -> bool:
-        rows = max(4, n // 2304)  # a run's rows: 256-token prompts, 2,048-token answers
+        # rows of a run's length (256-token prompts, 2,048-token answers), an even number:
+        # half the batch's answers are right
+        rows = max(4, n // 2304 // 2 * 2)
         batch = _batch(rows, max(1, n // rows - 64), model.config.vocab_size, args.device)
         cfg.micro_batch_tokens = rows * (n // rows)
         try:

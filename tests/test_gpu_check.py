@@ -75,3 +75,20 @@ def test_shape_flags_reach_every_stage(tmp_path):
     assert [r["batch"] for r in generated] == [8, 8, 16, 16, 16]
     # 4 new tokens at most: the sampled tokens per second times seconds is the tokens made
     assert all(r["tokens_per_s"] * r["seconds"] <= r["batch"] * 4 + 1e-6 for r in generated)
+
+
+def test_largest_builds_micro_batches_of_a_runs_rows(tmp_path):
+    """At 11,520 tokens the 'largest' stage packs rows of a run's length (~2,304 tokens): five
+    would leave the half-right, half-wrong batch one reward short, so it must pick an even
+    count; the stage finishes and reports its tries."""
+    out = tmp_path / "check"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"),
+                           "--device", "cpu", "--small", "--stages", "build,largest",
+                           "--largest-cap", str(5 * 2304), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    done = {r["of"]: r for r in rows if r["stage"] == "done"}
+    assert done["largest"]["rc"] == 0, done["largest"]["error"]
+    largest = next(r for r in rows if r["stage"] == "largest")
+    assert largest["tries"][0] == {"tokens": 5 * 2304, "fits": True}
