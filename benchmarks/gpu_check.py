@@ -2,8 +2,9 @@
 one H100, no internet, no vLLM, no TRL), each stage in its own process under its own time
 limit, appending JSON lines to ``OUT/results.jsonl`` so that a cut loses only the tail.
 
-Usage (a lent GPU machine, from the repository root; nftune need not be installed):
-    python benchmarks/gpu_check.py --out $OUT/gpu_check
+Usage (a lent GPU machine, from the repository root; nftune need not be installed; the 3 GB
+model and the trainer's run kept out of what comes back):
+    python benchmarks/gpu_check.py --out $OUT/gpu_check --work /tmp/gpu_check
 and on the CPU at a reduced shape (the test suite runs this, so the script cannot rot):
     python benchmarks/gpu_check.py --device cpu --small --out /tmp/gpu_check
 and, to rehearse a real architecture on the CPU before a GPU window (~4.5 minutes, 11 GB):
@@ -71,6 +72,11 @@ def _settings(args) -> dict:
     return settings
 
 
+def _work(args) -> Path:
+    """Where the model and the trainer's run go: ``--work``, else the output folder."""
+    return Path(args.work or args.out)
+
+
 def _emit(out: Path, stage: str, **values) -> None:
     with open(out / "results.jsonl", "a") as f:
         f.write(json.dumps({"stage": stage, **values}) + "\n")
@@ -135,15 +141,15 @@ def stage_build(out: Path, args) -> None:
 
     arch = _settings(args)["arch"]
     start = time.perf_counter()
-    build_model_dir(arch, str(out / "model"), "float32" if arch == "demo" else "bfloat16",
-                    device=args.device)
+    build_model_dir(arch, str(_work(args) / "model"),
+                    "float32" if arch == "demo" else "bfloat16", device=args.device)
     _emit(out, "build", arch=arch, seconds=time.perf_counter() - start)
 
 
 def _config(out: Path, args, **overrides):
     from nftune.config import build_config
 
-    values = dict(model=str(out / "model"), train_data="unused", device=args.device,
+    values = dict(model=str(_work(args) / "model"), train_data="unused", device=args.device,
                   minibatches=1, warmup_steps=0, lr=1e-6, gradient_checkpointing="true")
     values.update(overrides)
     return build_config(None, values)
@@ -174,7 +180,7 @@ def stage_update(out: Path, args) -> None:
 
     tokens = _settings(args)["tokens"]
     rows = 4
-    shape = read_shape(str(out / "model"))
+    shape = read_shape(str(_work(args) / "model"))
     for name, change in UPDATE_CONFIGS.items():
         cfg = _config(out, args, micro_batch_tokens=tokens, **change)
         torch.manual_seed(0)
@@ -262,7 +268,7 @@ def stage_generate(out: Path, args) -> None:
                   weights="float32", autocast=cfg.uses_bf16(args.device))
     del model
     weights = torch.bfloat16 if args.device == "cuda" else torch.float32
-    model, tokenizer = load_policy(str(out / "model"), device, dtype=weights)
+    model, tokenizer = load_policy(str(_work(args) / "model"), device, dtype=weights)
     timed(HFEngine(model, tokenizer, max(s["batches"])), max(s["batches"]), False,
           weights=str(weights).removeprefix("torch."), autocast=False)
 
@@ -275,18 +281,19 @@ def stage_trainer(out: Path, args) -> None:
     from nftune.train import train
 
     s = _settings(args)
-    (out / "reward.py").write_text(REWARD)
-    data = out / "train.jsonl"
+    work = _work(args)
+    (work / "reward.py").write_text(REWARD)
+    data = work / "train.jsonl"
     data.write_text("".join(json.dumps(q.__dict__) + "\n" for q in make_questions(64, "train",
                                                                                   0, 1)))
     cfg = _config(out, args, train_data=str(data), template="raw", steps=3,
                   prompts_per_step=s["prompts"], answers_per_prompt=4,
                   minibatches=2, max_new_tokens=s["new_tokens"], verify_workers=1,
-                  reward=f"{out / 'reward.py'}:reward", output_dir=str(out / "run"),
+                  reward=f"{work / 'reward.py'}:reward", output_dir=str(work / "run"),
                   gradient_checkpointing="auto")
     start = time.perf_counter()
     final = train(cfg, progress=False, overwrite=True)
-    rows = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     _emit(out, "trainer", seconds=time.perf_counter() - start, final=str(final),
           final_files=sorted(p.name for p in final.iterdir()),
           step_seconds=[r["time_step_s"] for r in rows])
@@ -351,7 +358,7 @@ def stage_largest(out: Path, args) -> None:
     model, _ = build_policy(cfg, torch.device(args.device))
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
-    by_model = plan_run(cfg, read_shape(str(out / "model")), args.device,
+    by_model = plan_run(cfg, read_shape(str(_work(args) / "model")), args.device,
                         _device_bytes(args.device)).largest_micro_batch_tokens or 4096
     tokens = min(by_model, _settings(args)["largest_cap"])
     tries = []
@@ -406,12 +413,16 @@ def main() -> None:
                         help="the most tokens the 'largest' stage tries")
     parser.add_argument("--limit-scale", type=float, default=1.0,
                         help="multiply every stage's time limit (a CPU rehearsal)")
-    parser.add_argument("--out", default="gpu_check")
+    parser.add_argument("--out", default="gpu_check", help="results.jsonl goes here")
+    parser.add_argument("--work", default=None,
+                        help="the built model and the trainer's run (GBs at full shape; "
+                        "default: --out), e.g. /tmp on a machine that ships --out back")
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    _work(args).mkdir(parents=True, exist_ok=True)
     if args.stage:
         globals()[f"stage_{args.stage}"](out, args)
         return
@@ -422,7 +433,8 @@ def main() -> None:
     for stage in args.stages.split(","):
         start = time.perf_counter()
         command = [sys.executable, __file__, "--stage", stage, "--device", args.device,
-                   "--out", str(out)] + (["--small"] if args.small else []) + passed
+                   "--out", str(out), "--work", str(_work(args))] + passed \
+            + (["--small"] if args.small else [])
         try:
             proc = subprocess.run(command, capture_output=True, text=True, env=env,
                                   timeout=STAGES[stage] * args.limit_scale)

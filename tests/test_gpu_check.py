@@ -25,10 +25,15 @@ def test_gpu_check_runs_every_stage_on_cpu(tmp_path):
     math-verify; the check's reward comes from a file) impossible to import."""
     out = tmp_path / "check"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"),
-                           "--device", "cpu", "--small", "--out", str(out)],
+                           "--device", "cpu", "--small", "--out", str(out),
+                           "--work", str(tmp_path / "work")],
                           capture_output=True, text=True, timeout=400,
                           env=_without(tmp_path, "datasets", "math_verify", "trl", "vllm"))
     assert proc.returncode == 0, proc.stderr
+    # only the figures are in --out (what a GPU machine ships back); model and run in --work
+    assert [p.name for p in out.iterdir()] == ["results.jsonl"]
+    assert (tmp_path / "work" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "work" / "run" / "final" / "model.safetensors").is_file()
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     done = {r["of"]: r for r in rows if r["stage"] == "done"}
     assert set(done) == {"env", "build", "update", "generate", "trainer", "numerics",
