@@ -394,10 +394,6 @@ def stage_largest(out: Path, args) -> None:
           largest_measured=max(fitting) if fitting else None)
 
 
-def _flag(value) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -427,14 +423,10 @@ def main() -> None:
         globals()[f"stage_{args.stage}"](out, args)
         return
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    passed = [arg for key in ("arch", "tokens", "new_tokens", "batches", "prompts",
-                              "largest_cap") if getattr(args, key) is not None
-              for arg in (f"--{key.replace('_', '-')}", _flag(getattr(args, key)))]
     for stage in args.stages.split(","):
         start = time.perf_counter()
-        command = [sys.executable, __file__, "--stage", stage, "--device", args.device,
-                   "--out", str(out), "--work", str(_work(args))] + passed \
-            + (["--small"] if args.small else [])
+        # each stage's process gets the driver's own flags (shape, --out, --work) and its name
+        command = [sys.executable, __file__, *sys.argv[1:], "--stage", stage]
         try:
             proc = subprocess.run(command, capture_output=True, text=True, env=env,
                                   timeout=STAGES[stage] * args.limit_scale)
