@@ -7,6 +7,7 @@ import math
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import run_cli, tiny_run_config
 from safetensors.torch import load_file
@@ -281,3 +282,49 @@ def test_bf16_auto_is_on_for_cuda_and_off_for_cpu(tiny_base, arithmetic_files):
 
     with pytest.raises(ValueError, match="bf16: auto, true or false"):
         tiny_run_config(tiny_base, arithmetic_files, None, bf16="maybe")
+
+
+def _mapped_from(path: Path) -> list[tuple[int, int]]:
+    """The address ranges this process has mapped from ``path`` (Linux's /proc/self/maps)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == str(path.resolve()):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def _inside(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
+    return any(start <= tensor.data_ptr() < end for start, end in ranges)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
+def test_a_resumed_run_holds_its_weights_and_moments_in_memory_of_its_own(
+        tiny_base, arithmetic_files, tmp_path):
+    """safetensors hands CPU tensors over as views of the mapped file (the control); after a
+    resume every weight and AdamW moment is a copy, so no training step rewrites the
+    checkpoint's pages copy-on-write, and the mapping is gone."""
+    from safetensors.torch import load_file
+
+    from nftune.train import Trainer
+
+    cfg = tiny_run_config(tiny_base, arithmetic_files, tmp_path / "run", steps=6, save_every=1)
+    with Trainer(cfg) as trainer:  # to the first step that updates (AdamW's moments exist)
+        while trainer.step()["optimizer_steps"] == 0:
+            assert trainer.step_done < cfg.steps - 1
+        step = trainer.step_done
+    checkpoint = tmp_path / "run" / "checkpoints" / f"step-{step}"
+    weights_file, state_file = (checkpoint / "model.safetensors",
+                                checkpoint / "trainer_state.safetensors")
+    control = load_file(weights_file)
+    assert all(_inside(t, _mapped_from(weights_file)) for t in control.values())
+    del control
+    with Trainer(cfg, resume=True) as trainer:
+        assert trainer.step_done == step
+        moments = [v for state in trainer.optimizer.state.values() for v in state.values()
+                   if isinstance(v, torch.Tensor) and v.numel() > 1]
+        assert len(moments) == 2 * len(list(trainer.model.parameters()))  # exp_avg, exp_avg_sq
+        assert not any(_inside(w, _mapped_from(weights_file))
+                       for w in trainer.model.parameters())
+        assert not any(_inside(m, _mapped_from(state_file)) for m in moments)

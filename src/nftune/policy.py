@@ -138,6 +138,8 @@ def build_policy(cfg: TrainConfig, device: torch.device, checkpoint: Path | None
     dtype = getattr(torch, cfg.base_dtype) if lora else torch.float32
     model, tokenizer = load_policy(source, device, safetensors_only=source != cfg.model,
                                    dtype=dtype)
+    if not lora:
+        own_cpu_weights(model)
     if uses_gradient_checkpointing(cfg, model.config, device=device):
         # recompute each layer's activations in backward
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -156,6 +158,30 @@ def build_policy(cfg: TrainConfig, device: torch.device, checkpoint: Path | None
     if not (checkpoint / "adapter_model.safetensors").exists():
         raise FileNotFoundError(f"{checkpoint}: no adapter_model.safetensors (LoRA checkpoint)")
     return PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True), tokenizer
+
+
+def own_cpu_weights(model) -> None:
+    """Give each CPU weight memory of its own, in place, one tensor at a time.
+
+    safetensors and ``from_pretrained`` hand CPU tensors over as views of the file, mapped
+    copy-on-write. A weight or AdamW moment that trains is rewritten every step, so the first
+    step after loading faults every page in and copies it, inside the optimizer's loop: at
+    Qwen2.5-0.5B's shape on two CPU cores the first step after a resume took 2.2x an owned
+    one (benchmarks/first_step_after_load.py, docs/performance.md). Copying once at load is
+    a plain read. Weights on another device already own their memory."""
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.device.type == "cpu":
+                weight.data = weight.data.clone()
+
+
+def own_cpu_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """:func:`own_cpu_weights` for the optimizer's state after ``load_state_dict``: each CPU
+    tensor is replaced by a copy, so the checkpoint file's mapping is released as it goes."""
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+                state[key] = value.clone()
 
 
 def is_lora(model) -> bool:

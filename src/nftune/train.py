@@ -68,6 +68,7 @@ from nftune.policy import (
     load_tokenizer,
     make_optimizer,
     make_scheduler,
+    own_cpu_optimizer_state,
     pick_device,
     precision,
     set_matmul_precision,
@@ -347,9 +348,10 @@ def _restore(state: dict[str, Any], checkpoint: Path, optimizer, scheduler,
         step, nan_streak = state["step"], state["nan_streak"]
         if not (isinstance(step, int) and isinstance(nan_streak, int) and step >= 0):
             raise TypeError("step and nan_streak must be non-negative integers")
-        if forward is None:
+        if forward is None or not is_sharded(forward):
             optimizer.load_state_dict(state["optimizer"])
-        else:
+            own_cpu_optimizer_state(optimizer)
+        else:  # FSDP copies each rank's shards out of the full state
             load_optimizer_state(forward, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict({k: int(v) for k, v in state["sampler"].items()})
