@@ -88,6 +88,21 @@ def test_lora_resume_equals_an_uninterrupted_run(tiny_base, arithmetic_files, tm
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_two_lora_runs_of_one_seed_are_the_same_run(tiny_base, arithmetic_files, tmp_path):
+    """LoRA draws its A matrices when the adapters are made, and torch seeds its default
+    generator at random in each process: the run's seed must fix them, or the same config
+    gives another run each time (as seen at Qwen2.5-0.5B's shape)."""
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        _train(tiny_base, arithmetic_files["train"], run, "--lora-rank", "4")
+    a, b = (_metrics(run / "metrics.jsonl") for run in runs)
+    assert [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in a] == \
+           [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in b]
+    wa, wb = (load_file(run / "final" / "adapter" / "adapter_model.safetensors")
+              for run in runs)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_gradient_checkpointing_gives_the_same_update_in_float64(tiny_base):
     """Recomputing the activations in backward changes where they come from, not the
     gradient: equal to float64 rounding."""

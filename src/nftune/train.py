@@ -479,6 +479,9 @@ class Trainer:
                              world.size)
             log.info("fit check: %s", "skipped (the model's shape is not known offline)"
                      if plan is None else plan.report().replace("\n", "\n    "))
+        # LoRA draws its A matrices here, and torch seeds its default generator at random in
+        # each process: without this the same seed would start from other adapters each time
+        torch.manual_seed(cfg.seed)
         try:
             self.model, self.tokenizer = build_policy(cfg, device, checkpoint)
         except Exception as err:  # noqa: BLE001 — whatever the file holds, name the checkpoint
