@@ -217,6 +217,28 @@ def test_micro_batches_pack_similar_lengths_together():
     assert padded(micro_batches(r, 20, by_length=False)) == 18 + 16 + 18
 
 
+def test_old_logprobs_are_packed_as_the_update_packs_them():
+    """π_old's micro-batches are the update's: mini-batches first (questions 0–1 | 2, as
+    tensor_split deals 3 questions to 2), then packing by length within each. By hand, lengths
+    [2, 9, 3, 8, 2, 9], questions [0, 0, 1, 1, 2, 2], budget 20: mini-batch 1 holds rows 0–3,
+    longest first: 9, 8 (2 × 9 = 18) | 3, 2; mini-batch 2 rows 4–5: 9, 2. Packed over the whole
+    rollout instead, rows 1 and 5 would share a micro-batch."""
+    from nftune.config import TrainConfig
+    from nftune.update import update_packing
+
+    lengths = [2, 9, 3, 8, 2, 9]
+    attn = (torch.arange(10)[None, :] < torch.tensor(lengths)[:, None]).long()
+    r = Rollout(input_ids=torch.zeros(6, 10, dtype=torch.long), attention_mask=attn,
+                prompt_len=1, response_mask=attn[:, 1:], truncated=torch.zeros(6, dtype=bool),
+                group_ids=torch.tensor([0, 0, 1, 1, 2, 2]), texts=[""] * 6)
+    cfg = TrainConfig(model="unused", minibatches=2, micro_batch_tokens=20)
+    assert update_packing(r, 3, cfg) == [[1, 3], [2, 0], [5, 4]]
+    assert micro_batches(r, 20) == [[1, 5], [3, 2], [0, 4]]  # what π_old used to run on
+    # a loss over whole groups keeps a question's answers together, here too
+    assert update_packing(r, 3, TrainConfig(model="unused", algo="infonca", minibatches=2,
+                                            micro_batch_tokens=20)) == [[0, 1], [2, 3], [4, 5]]
+
+
 def _four_mixed_groups(tiny_base, arithmetic_files):
     """The tiny base and a rollout of 4 questions × 4 answers sampled from it (π_old recorded),
     with rewards set by hand so that every group is mixed (r̂ = 1/2, 3/4, 1/4, 1/4)."""

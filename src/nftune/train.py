@@ -90,6 +90,7 @@ from nftune.update import (
     load_optimizer_state,
     optimizer_state,
     recompute_logprobs,
+    update_packing,
     update_policy,
 )
 from nftune.verify import Verifier
@@ -165,14 +166,21 @@ def mixed_groups(rollout: Rollout, k: int) -> torch.Tensor:
 
 
 def with_old_logprobs(model, rollout: Rollout | None, cfg: TrainConfig, world: World = SINGLE,
-                      forward=None) -> Rollout | None:
+                      forward=None, num_groups: int | None = None) -> Rollout | None:
     """A new Rollout with π_old's log-probs and entropy from a no-grad forward in the update's
-    precision (``old_logprobs: recompute``); under FSDP (``forward`` sharded) a rank without
-    answers (None) joins the others' forwards."""
+    precision and on the update's micro-batches (``old_logprobs: recompute``;
+    :func:`nftune.update.update_packing`, ``num_groups``: the questions over every rank,
+    default this rollout's); under FSDP (``forward`` sharded) a rank without answers (None)
+    joins the others' forwards."""
     model.eval()
+    packing = None
+    if rollout is not None:
+        if num_groups is None:
+            num_groups = int(rollout.group_ids.max().item()) + 1 if len(rollout) else 0
+        packing = update_packing(rollout, num_groups, cfg)
     with precision(cfg, next(model.parameters()).device):
         out = recompute_logprobs(model, rollout, cfg.micro_batch_tokens, cfg.temperature,
-                                 world, forward if is_sharded(forward) else None)
+                                 world, forward if is_sharded(forward) else None, packing)
     if out is None:
         return None
     return replace(rollout, old_logprobs=out[0], entropy=out[1])
@@ -261,7 +269,8 @@ def collect_rollout(model, tokenizer, questions: list[Question], sampler: Prompt
         batch_rollout = batch_rollout.select(rows) if len(rows) else None
     if cfg.old_logprobs == "recompute" and (batch_rollout is not None or is_sharded(forward)):
         start = time.perf_counter()
-        batch_rollout = with_old_logprobs(model, batch_rollout, cfg, world, forward)
+        batch_rollout = with_old_logprobs(model, batch_rollout, cfg, world, forward,
+                                          min(kept_questions, cfg.prompts_per_step))
         stats.time_old_logprobs_s = time.perf_counter() - start
     stats.time_old_logprobs_s = world.max(stats.time_old_logprobs_s)[0]
     mean, biggest = engine_mismatch(batch_rollout) if batch_rollout is not None else (None, None)
